@@ -1,0 +1,1 @@
+"""dicom-importer: patient folders -> PACS, over DCMTK."""

@@ -1,0 +1,106 @@
+"""Command line: `importer run-once` (a manual batch) and friends.
+
+Exit codes (run-once): 0 every eligible file delivered and archived; 1 some left for
+retry, held or quarantined; 2 usage or configuration error; 3 another process holds a
+folder.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import shutil
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from importer import logs
+from importer.config import ConfigError, Settings, load_settings
+
+EXIT_CONFIG = 2
+REQUIRED_TOOLS = ("dcmftest", "dcmdump", "dcmodify", "dcmconv", "storescu")
+
+
+def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--config", "config_file", metavar="FILE", type=click.Path(dir_okay=False),
+                     help="TOML file (env IMPORTER_CONFIG); flags and env override it."),
+        click.option("--import-dir", metavar="DIR", help="Folders to import (IMPORT_DIR)."),
+        click.option("--archive-dir", metavar="DIR", help="Delivered files go here (ARCHIVE_DIR)."),
+        click.option("--failed-dir", metavar="DIR", help="Quarantined files (FAILED_DIR)."),
+        click.option("--log-dir", metavar="DIR", help="JSON log files (LOG_DIR)."),
+        click.option("--state-dir", metavar="DIR", help="Journal and locks (STATE_DIR)."),
+        click.option("--pacs", metavar="AET@HOST:PORT",
+                     help="Primary PACS (PACS_AET, PACS_SERVER_IP, PACS_SERVER_PORT)."),
+        click.option("--associations", type=int, metavar="N",
+                     help="Parallel associations per destination (ASSOCIATIONS, default 4)."),
+        click.option("-v", "--verbose", is_flag=True, help="Also print every DCMTK call."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _settings(flags: dict[str, Any], *, dry_run: bool = False) -> Settings:
+    config_file = flags.pop("config_file", None)
+    flags.pop("verbose", None)
+    flags["dry_run"] = dry_run
+    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} not found — install dcmtk (apt-get install dcmtk)")
+    return load_settings(flags, config_file=config_file)
+
+
+def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Configuration mistakes end with one clear line and exit code 2, no traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from importer.dcmtk import DcmtkMissing
+
+        try:
+            return command(*args, **kwargs)
+        except (ConfigError, DcmtkMissing) as exc:
+            click.echo(f"importer: error: {exc}", err=True)
+            sys.exit(EXIT_CONFIG)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dicom-importer")
+def main() -> None:
+    """Import patient folders named '#<id>-<name>' into one or more PACS.
+
+    Every file is stamped with its folder's PatientID and PatientName, verified, sent by
+    DICOM C-STORE (DCMTK storescu) and archived only once every required PACS has
+    answered success for it. Configuration comes from flags, then environment variables
+    (the old scripts' names work), then an optional TOML file.
+    """
+
+
+@main.command("run-once")
+@_common_options
+@click.option("--dry-run", is_flag=True, help="Show what would happen; change nothing.")
+@_user_errors
+def run_once(dry_run: bool, verbose: bool, **flags: Any) -> None:
+    """Process everything in the import dir once, then exit.
+
+    \b
+    Exit codes: 0 all delivered and archived; 1 some files left for retry, held or
+    quarantined; 2 usage or configuration error; 3 a folder is busy in another importer.
+    """
+    settings = _settings(flags, dry_run=dry_run)
+    logs.setup(None if dry_run else settings.log_dir, verbose=verbose)
+    from importer.pipeline import run_batch
+
+    with logs.batch_log(None if dry_run else settings.log_dir):
+        try:
+            report = run_batch(settings)
+        except OSError as exc:
+            logs.error("Batch stopped: %s", exc)
+            logging.getLogger("importer").debug("traceback", exc_info=True)
+            sys.exit(1)
+    sys.exit(report.exit_code)

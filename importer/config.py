@@ -1,0 +1,301 @@
+"""Settings from command-line flags, then environment, then an optional TOML file.
+
+The old scripts' variable names (PACS_SERVER_IP, PACS_AET, BACKUP_PACS_*, DELAY) keep
+working. Every value is checked once, at start, and a bad one is reported by the name
+the user wrote it under — never as a traceback halfway through a batch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from importer.folders import DEFAULT_PATTERN, PatternError, compile_pattern
+
+
+class ConfigError(Exception):
+    """A user error in the configuration; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    host: str
+    port: int
+    called_aet: str
+    calling_aet: str = "STORESCU"
+    required: bool = True
+    associations: int = 4
+    connect_timeout: int = 10
+    acse_timeout: int = 30
+    dimse_timeout: int = 120
+
+    @property
+    def label(self) -> str:
+        return f"{self.called_aet}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    import_dir: Path
+    archive_dir: Path
+    failed_dir: Path
+    log_dir: Path
+    state_dir: Path
+    destinations: tuple[Destination, ...]
+    folder_pattern: re.Pattern[str] = field(
+        default_factory=lambda: compile_pattern(DEFAULT_PATTERN))
+    delay: int = 180
+    mixed_patients: str = "hold"
+    max_attempts: int = 3  # refusals by a PACS before a file is quarantined
+    log_patient_names: bool = True
+    dry_run: bool = False
+
+
+# key -> (environment variable, default). The TOML file uses the keys.
+_SCALARS: dict[str, tuple[str, Any]] = {
+    "import_dir": ("IMPORT_DIR", "/dicom/import"),
+    "archive_dir": ("ARCHIVE_DIR", "/dicom/archived"),
+    "failed_dir": ("FAILED_DIR", "/dicom/failed"),
+    "log_dir": ("LOG_DIR", "/data/log"),
+    "state_dir": ("STATE_DIR", "/data/state"),
+    "calling_aet": ("CALLING_AET", "STORESCU"),
+    "folder_pattern": ("FOLDER_PATTERN", DEFAULT_PATTERN),
+    "delay": ("DELAY", 180),
+    "associations": ("ASSOCIATIONS", 4),
+    "connect_timeout": ("CONNECT_TIMEOUT", 10),
+    "acse_timeout": ("ACSE_TIMEOUT", 30),
+    "dimse_timeout": ("DIMSE_TIMEOUT", 120),
+    "mixed_patients": ("MIXED_PATIENTS", "hold"),
+    "max_attempts": ("MAX_ATTEMPTS", 3),
+    "log_patient_names": ("LOG_PATIENT_NAMES", True),
+}
+
+# Environment variables of the old scripts, per destination: field -> variable.
+_LEGACY_DESTINATIONS: dict[str, dict[str, str]] = {
+    "primary": {"host": "PACS_SERVER_IP", "port": "PACS_SERVER_PORT", "aet": "PACS_AET"},
+    "backup": {"host": "BACKUP_PACS_IP", "port": "BACKUP_PACS_PORT", "aet": "BACKUP_PACS_AET"},
+}
+_LEGACY_DEFAULTS = {"host": "127.0.0.1", "port": 11112, "aet": "DCM4CHEE"}
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+    *,
+    create_dirs: bool = True,
+) -> Settings:
+    """Merge flags > env > TOML file > defaults and validate everything."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    env = os.environ if env is None else env
+    config_file = config_file or env.get("IMPORTER_CONFIG")
+    toml = _read_toml(config_file) if config_file else {}
+
+    def raw(key: str) -> tuple[Any, str]:
+        """The value for key and the name the user gave it under."""
+        var, default = _SCALARS[key]
+        if key in flags:
+            return flags[key], "--" + key.replace("_", "-")
+        if env.get(var, "") != "":
+            return env[var], var
+        if key in toml:
+            return toml[key], f"{key} in {config_file}"
+        return default, var
+
+    def get(key: str, parse: Callable[[Any, str], Any]) -> Any:
+        value, source = raw(key)
+        return parse(value, source)
+
+    common = {
+        "calling_aet": get("calling_aet", _ae_title),
+        "associations": get("associations", _int_range(1, 32)),
+        "connect_timeout": get("connect_timeout", _int_range(1, 3600)),
+        "acse_timeout": get("acse_timeout", _int_range(1, 3600)),
+        "dimse_timeout": get("dimse_timeout", _int_range(1, 86400)),
+    }
+    settings = Settings(
+        import_dir=get("import_dir", _path),
+        archive_dir=get("archive_dir", _path),
+        failed_dir=get("failed_dir", _path),
+        log_dir=get("log_dir", _path),
+        state_dir=get("state_dir", _path),
+        destinations=_destinations(flags, env, toml, config_file, common),
+        folder_pattern=get("folder_pattern", _pattern),
+        delay=get("delay", _int_range(0, 7 * 86400)),
+        mixed_patients=get("mixed_patients", _choice("hold", "warn", "allow")),
+        max_attempts=get("max_attempts", _int_range(1, 100)),
+        log_patient_names=get("log_patient_names", _bool),
+        dry_run=bool(flags.get("dry_run", False)),
+    )
+    _check_dirs(settings, raw, create=create_dirs and not settings.dry_run)
+    return settings
+
+
+def _destinations(
+    flags: Mapping[str, Any],
+    env: Mapping[str, str],
+    toml: Mapping[str, Any],
+    config_file: str | None,
+    common: Mapping[str, Any],
+) -> tuple[Destination, ...]:
+    by_name: dict[str, dict[str, Any]] = {}
+    sources: dict[str, dict[str, str]] = {}
+    for i, entry in enumerate(toml.get("destination", [])):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"destination #{i + 1} in {config_file}: must be a table")
+        name = str(entry.get("name", f"destination{i + 1}"))
+        by_name[name] = dict(entry)
+        sources[name] = {k: f"destination '{name}' {k} in {config_file}" for k in entry}
+
+    for name, variables in _LEGACY_DESTINATIONS.items():
+        given = {f: env[v] for f, v in variables.items() if env.get(v, "") != ""}
+        if name == "primary" and flags.get("pacs"):
+            given.update(_parse_pacs_flag(flags["pacs"]))
+            variables = {f: "--pacs" for f in variables}
+        if not given and (name != "primary" or by_name):
+            continue
+        entry = by_name.setdefault(name, {})
+        for f, var in variables.items():
+            if f in given:
+                entry[f] = given[f]
+                sources.setdefault(name, {})[f] = var
+            elif f not in entry:
+                entry[f] = _LEGACY_DEFAULTS[f]
+                sources.setdefault(name, {})[f] = var
+
+    result = []
+    for name, entry in by_name.items():
+        src = sources.get(name, {})
+
+        def pick(key: str, parse: Callable[[Any, str], Any], default: Any, *,
+                 _e: dict[str, Any] = entry, _s: dict[str, str] = src, _n: str = name) -> Any:
+            return parse(_e.get(key, default), _s.get(key, f"destination '{_n}' {key}"))
+
+        result.append(
+            Destination(
+                name=name,
+                host=pick("host", _host, None),
+                port=pick("port", _int_range(1, 65535, "a port number"), None),
+                called_aet=pick("aet", _ae_title, None),
+                calling_aet=pick("calling_aet", _ae_title, common["calling_aet"]),
+                required=pick("required", _bool, True),
+                associations=pick("associations", _int_range(1, 32), common["associations"]),
+                connect_timeout=pick("connect_timeout", _int_range(1, 3600),
+                                     common["connect_timeout"]),
+                acse_timeout=pick("acse_timeout", _int_range(1, 3600), common["acse_timeout"]),
+                dimse_timeout=pick("dimse_timeout", _int_range(1, 86400), common["dimse_timeout"]),
+            )
+        )
+    if not any(d.required for d in result):
+        raise ConfigError("destinations: at least one destination must be required")
+    return tuple(result)
+
+
+def _parse_pacs_flag(value: str) -> dict[str, str]:
+    match = re.fullmatch(r"(?P<aet>[^@]+)@(?P<host>[^:]+):(?P<port>\d+)", value)
+    if not match:
+        raise ConfigError(f"--pacs: {value!r} is not AET@HOST:PORT")
+    return match.groupdict()
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+
+# --- parsers: (value, source) -> checked value, or ConfigError naming the source ---
+
+
+def _path(value: Any, source: str) -> Path:
+    if not isinstance(value, str | Path) or not str(value).strip():
+        raise ConfigError(f"{source}: must be a directory path")
+    return Path(value).expanduser()
+
+
+def _host(value: Any, source: str) -> str:
+    text = str(value or "").strip()
+    if not text or not re.fullmatch(r"[A-Za-z0-9.\-:\[\]]+", text):
+        raise ConfigError(f"{source}: {value!r} is not a host name or IP address")
+    return text
+
+
+def _ae_title(value: Any, source: str) -> str:
+    text = str(value if value is not None else "")
+    if not text.strip():
+        raise ConfigError(f"{source}: an AE title cannot be empty")
+    if len(text) > 16:
+        raise ConfigError(f"{source}: AE title {text!r} is longer than 16 characters")
+    if not text.isascii() or any(ch in "\\" or not ch.isprintable() for ch in text):
+        raise ConfigError(f"{source}: AE title {text!r} has characters DICOM does not allow")
+    return text.strip()
+
+
+def _int_range(low: int, high: int, what: str = "a whole number") -> Callable[[Any, str], int]:
+    def parse(value: Any, source: str) -> int:
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            raise ConfigError(f"{source}: {value!r} is not {what} ({low}-{high})") from None
+        if not low <= number <= high:
+            raise ConfigError(f"{source}: {number} is not {what} ({low}-{high})")
+        return number
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[Any, str], str]:
+    def parse(value: Any, source: str) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise ConfigError(f"{source}: {value!r} must be one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _bool(value: Any, source: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{source}: {value!r} must be true or false")
+
+
+def _pattern(value: Any, source: str) -> re.Pattern[str]:
+    try:
+        return compile_pattern(str(value))
+    except PatternError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _check_dirs(settings: Settings, raw: Callable[[str], tuple[Any, str]], *, create: bool) -> None:
+    import_dir = settings.import_dir
+    source = raw("import_dir")[1]
+    if not import_dir.is_dir():
+        raise ConfigError(f"{source}: {import_dir} does not exist or is not a directory")
+    if not os.access(import_dir, os.R_OK | os.W_OK | os.X_OK):
+        raise ConfigError(f"{source}: {import_dir} is not readable and writable by this user")
+    for key in ("archive_dir", "failed_dir", "log_dir", "state_dir"):
+        path: Path = getattr(settings, key)
+        source = raw(key)[1]
+        if create:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"{source}: cannot create {path}: {exc.strerror}") from None
+        if path.exists() and not (path.is_dir() and os.access(path, os.W_OK | os.X_OK)):
+            raise ConfigError(f"{source}: {path} is not a writable directory")

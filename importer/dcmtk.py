@@ -1,0 +1,359 @@
+"""The only place that runs a DCMTK tool: argv in, parsed results out.
+
+Every call goes through :func:`run`, which passes arguments as argv (never a shell),
+streams the tool's output line by line, and logs one record per call (tool, argv, exit
+code, seconds, output lines). Paths travel as ``surrogateescape`` strings both ways, so a
+file name that is not valid UTF-8 reaches the tool byte for byte and comes back in its
+output as the same Python string.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import sh
+
+from importer.config import Destination
+from importer.folders import Patient
+
+log = logging.getLogger("importer.dcmtk")
+
+_FS_CODEC = "utf-8-fs"
+
+
+def _find_fs_codec(name: str) -> codecs.CodecInfo | None:
+    if name.replace("_", "-") != _FS_CODEC:
+        return None
+    return codecs.CodecInfo(
+        name=_FS_CODEC,
+        encode=lambda text, errors="strict": codecs.utf_8_encode(text, "surrogateescape"),
+        decode=lambda data, errors="strict": codecs.utf_8_decode(data, "surrogateescape", True),
+    )
+
+
+codecs.register(_find_fs_codec)
+
+# One argv must stay well below the kernel's limit (ARG_MAX includes the environment).
+_ARGV_BYTES = min(os.sysconf("SC_ARG_MAX") // 4, 512 * 1024)
+_ARGV_FILES = 2000
+
+
+class DcmtkMissing(Exception):
+    """A DCMTK tool is not installed; the message says how to fix it."""
+
+
+@dataclass
+class ToolRun:
+    tool: str
+    argv: list[str]
+    exit_code: int
+    seconds: float
+    lines: list[str] = field(default_factory=list)
+
+
+_running: dict[int, sh.RunningCommand] = {}
+_running_lock = threading.Lock()
+
+
+def terminate_all() -> None:
+    """Ask every DCMTK process still running to stop (on SIGTERM)."""
+    with _running_lock:
+        for command in list(_running.values()):
+            with contextlib.suppress(Exception):  # already gone
+                command.terminate()
+
+
+def run(
+    tool: str,
+    args: Sequence[str],
+    *,
+    on_line: Callable[[str], None] | None = None,
+    network: bool = False,
+) -> ToolRun:
+    """Run one DCMTK tool to completion, streaming its merged stdout/stderr."""
+    try:
+        command = sh.Command(tool)
+    except sh.CommandNotFound:
+        raise DcmtkMissing(f"{tool} not found — install dcmtk (apt-get install dcmtk)") from None
+    env = dict(os.environ)
+    if network:
+        env["TCP_NODELAY"] = "1"  # avoids a ~44 ms Nagle/delayed-ACK stall per file
+    lines: list[str] = []
+
+    def collect(line: str) -> None:
+        line = line.rstrip("\r\n")
+        lines.append(line)
+        if on_line is not None:
+            on_line(line)
+
+    started = time.monotonic()
+    running = command(
+        *args,
+        _out=collect,
+        _err_to_out=True,
+        _tty_out=False,
+        _bg=True,
+        _bg_exc=False,
+        _ok_code=list(range(256)),
+        _encoding=_FS_CODEC,
+        _env=env,
+        _return_cmd=True,
+    )
+    with _running_lock:
+        _running[id(running)] = running
+    try:
+        running.wait()
+        exit_code = running.exit_code
+    except sh.SignalException as exc:
+        exit_code = -int(getattr(exc, "signal", 15) or 15)
+    finally:
+        with _running_lock:
+            _running.pop(id(running), None)
+    result = ToolRun(tool, [tool, *args], exit_code, time.monotonic() - started, lines)
+    log.debug(
+        "%s exit %s in %.3f s", tool, exit_code, result.seconds,
+        extra={"tool": tool, "argv": result.argv, "exit_code": exit_code,
+               "duration": round(result.seconds, 4), "output": lines},
+    )
+    return result
+
+
+def chunked(paths: Sequence[str], fixed_bytes: int = 0) -> Iterator[list[str]]:
+    """Split paths into argv-sized chunks."""
+    chunk: list[str] = []
+    size = fixed_bytes
+    for path in paths:
+        cost = len(path.encode("utf-8", "surrogateescape")) + 1 + 8  # + NUL + argv pointer
+        if chunk and (size + cost > _ARGV_BYTES or len(chunk) >= _ARGV_FILES):
+            yield chunk
+            chunk, size = [], fixed_bytes
+        chunk.append(path)
+        size += cost
+    if chunk:
+        yield chunk
+
+
+# --- dcmftest -------------------------------------------------------------------------
+
+
+def dicom_magic(paths: Sequence[str]) -> dict[str, bool]:
+    """Which files carry the DICM magic (a truncated file still says yes)."""
+    found: dict[str, bool] = {}
+    for chunk in chunked(paths):
+        for line in run("dcmftest", chunk).lines:
+            verdict, sep, path = line.partition(": ")
+            if sep and verdict in ("yes", "no"):
+                found[path] = verdict == "yes"
+    return {path: found.get(path, False) for path in paths}
+
+
+# --- dcmdump --------------------------------------------------------------------------
+
+PATIENT_ID = "0010,0020"
+PATIENT_NAME = "0010,0010"
+CHARSET = "0008,0005"
+BIRTH_DATE = "0010,0030"
+SEX = "0010,0040"
+SOP_INSTANCE_UID = "0008,0018"
+STUDY_INSTANCE_UID = "0020,000d"
+MEDIA_STORAGE_SOP_CLASS = "0002,0002"
+
+_HEADER = re.compile(r"^# dcmdump \(\d+/\d+\): (?P<path>.*)$")
+_ELEMENT = re.compile(
+    r"^\((?P<tag>[0-9a-f]{4},[0-9a-f]{4})\) (?P<vr>[A-Z]{2}) "
+    r"(?:\[(?P<value>.*)\]|\(no value available\)|.*?)\s+#\s*\d+,"
+)
+_READ_ERROR = re.compile(r"^E: dcmdump: (?P<reason>.*?): reading file: (?P<path>.*)$")
+
+
+@dataclass
+class Dump:
+    """Top-level values of the tags asked for, or why the file could not be read."""
+
+    values: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+
+def dump_tags(paths: Sequence[str], tags: Iterable[str]) -> dict[str, Dump]:
+    """Read the given tags of many files in one dcmdump call per chunk.
+
+    dcmdump loads each file completely, so a truncated or corrupt file is reported here
+    as an error even when its header reads fine.
+    """
+    tag_args = [arg for tag in tags for arg in ("+P", tag)]
+    parser = _DumpParser()
+    for chunk in chunked(paths, fixed_bytes=sum(len(a) + 9 for a in tag_args)):
+        parser.current = None
+        run("dcmdump", ["+F", "+L", "+p", *tag_args, *chunk], on_line=parser)
+    dumps = parser.dumps
+    for path in paths:
+        if path not in dumps:
+            dumps[path] = Dump(error="dcmdump did not report on this file")
+    return {path: dumps[path] for path in paths}
+
+
+class _DumpParser:
+    """Reads `dcmdump +F +p +P …` output: a header per file, then its elements."""
+
+    def __init__(self) -> None:
+        self.dumps: dict[str, Dump] = {}
+        self.current: Dump | None = None
+        self.pending_errors: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        if header := _HEADER.match(line):
+            self.current = self.dumps.setdefault(header["path"], Dump())
+        elif error := _READ_ERROR.match(line):
+            dump = self.dumps.setdefault(error["path"], Dump())
+            dump.error = "; ".join([*self.pending_errors, error["reason"]])
+            self.pending_errors.clear()
+        elif line.startswith(("E: ", "F: ")):
+            self.pending_errors.append(line[3:])
+        elif (element := _ELEMENT.match(line)) and self.current is not None:
+            # +p prefixes nested occurrences with their sequence path, so only top-level
+            # elements match here.
+            self.current.values.setdefault(element["tag"], _clean(element["value"] or ""))
+
+
+def _clean(value: str) -> str:
+    # UI values keep their NUL pad byte and LO/PN values a trailing space.
+    return value.rstrip("\x00 ")
+
+
+# --- dcmodify / dcmconv -----------------------------------------------------------------
+
+
+def stamp_identity(paths: Sequence[str], patient: Patient, *, utf8: bool) -> list[ToolRun]:
+    """Insert-or-overwrite PatientID/PatientName (and the UTF-8 character set) in place.
+
+    Runs ``-nb`` (in-place rewrite), so callers must pass copies, never the only original.
+    The exit code and messages are not trusted; callers verify the result with dump_tags.
+    """
+    args = ["-nb", "-ie", "-nmu", "-i", f"(0010,0020)={patient.id}",
+            "-i", f"(0010,0010)={patient.name}"]
+    if utf8:
+        args += ["-i", "(0008,0005)=ISO_IR 192"]
+    fixed = sum(len(a.encode()) + 9 for a in args)
+    return [run("dcmodify", [*args, *chunk]) for chunk in chunked(paths, fixed)]
+
+
+def convert_to_utf8(source: str, target: str) -> ToolRun:
+    """Re-encode every text element of one file to UTF-8 (dcmconv works one file a call)."""
+    return run("dcmconv", ["+U8", source, target])
+
+
+# --- storescu ---------------------------------------------------------------------------
+
+
+class Outcome(Enum):
+    DELIVERED = "delivered"
+    TRANSIENT = "transient"  # not sent, or the PACS was out of resources: try again later
+    PERMANENT = "permanent"  # the PACS refused this file
+
+
+@dataclass
+class StoreResult:
+    outcome: Outcome
+    detail: str
+
+
+_SENDING = "I: Sending file: "
+_RESPONSE = re.compile(r"^I: Received Store Response \((?P<status>.*)\)\s*$")
+_BAD_FILE = re.compile(r"^E: Bad DICOM file: (?P<rest>.*)$")
+_STORE_FAILED = "E: Store Failed, file: "
+
+
+def classify_status(status: str) -> Outcome:
+    """Map storescu's status text (DU_cstoreStatusString) to what it means for the file."""
+    if status.startswith(("Success", "Warning")):
+        return Outcome.DELIVERED
+    if status.startswith("Refused: OutOfResources"):
+        return Outcome.TRANSIENT
+    if match := re.search(r"0x([0-9a-fA-F]{4})", status):
+        code = int(match.group(1), 16)
+        if code == 0 or code in (0x0001, 0x0107, 0x0116) or 0xB000 <= code <= 0xBFFF:
+            return Outcome.DELIVERED
+        if 0xA700 <= code <= 0xA7FF:
+            return Outcome.TRANSIENT
+    return Outcome.PERMANENT
+
+
+def store(destination: Destination, paths: Sequence[str]) -> tuple[dict[str, StoreResult], str]:
+    """Send files over one association per chunk; return each file's result.
+
+    A file counts as delivered only by the PACS's own answer for it. Files for which no
+    answer arrived (connection refused, association rejected or aborted) are TRANSIENT.
+    The second value is the association-level error, if any.
+    """
+    args = [
+        "-v", "-nh",
+        "-aet", destination.calling_aet, "-aec", destination.called_aet,
+        "-to", str(destination.connect_timeout), "-ta", str(destination.acse_timeout),
+        "-td", str(destination.dimse_timeout),
+        destination.host, str(destination.port),
+    ]
+    parser = _StoreParser()
+    fixed = sum(len(a) + 9 for a in args)
+    for chunk in chunked(paths, fixed):
+        parser.current = parser.failed = None
+        tool_run = run("storescu", [*args, *chunk], on_line=parser, network=True)
+        if tool_run.exit_code != 0 and not parser.association_errors:
+            parser.association_errors.append(f"storescu exit code {tool_run.exit_code}")
+    error = "; ".join(dict.fromkeys(parser.association_errors))
+    results = parser.results
+    for path in paths:
+        if path not in results:
+            results[path] = StoreResult(Outcome.TRANSIENT, error or "no answer from the PACS")
+    return results, error
+
+
+class _StoreParser:
+    """Pairs `storescu -v` lines: `Sending file: <path>` then the PACS's answer for it."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, StoreResult] = {}
+        self.association_errors: list[str] = []
+        self.current: str | None = None
+        self.failed: str | None = None
+
+    def __call__(self, line: str) -> None:
+        if line.startswith(_SENDING):
+            self.current, self.failed = line[len(_SENDING):], None
+        elif (response := _RESPONSE.match(line)) and self.current:
+            status = response["status"]
+            self.results[self.current] = StoreResult(classify_status(status), status)
+            self.current = None
+        elif _BAD_FILE.match(line) and self.current:
+            self.results[self.current] = StoreResult(Outcome.PERMANENT, line[3:])
+            self.current = None
+        elif line.startswith(_STORE_FAILED):
+            self.failed = line[len(_STORE_FAILED):].rstrip(":")
+            self.results[self.failed] = StoreResult(Outcome.TRANSIENT, "store failed")
+            self.current = None
+        elif line.startswith(("E: ", "F: ")):
+            if self.failed:
+                self.results[self.failed].detail += ": " + line[3:]
+            if line.startswith("F: ") or "Association" in line:
+                self.association_errors.append(line[3:])
+
+
+def versions() -> dict[str, str]:
+    """Installed DCMTK tool versions (for `importer check` and logs)."""
+    found = {}
+    for tool in ("dcmftest", "dcmdump", "dcmodify", "dcmconv", "storescu", "echoscu"):
+        try:
+            first = run(tool, ["--version"]).lines
+        except DcmtkMissing as exc:
+            found[tool] = str(exc)
+            continue
+        found[tool] = next((line for line in first if "dcmtk" in line), "unknown").strip("$ ")
+    return found

@@ -1,0 +1,113 @@
+"""Which file reached which destination: SQLite in STATE_DIR.
+
+A file is known by its path, size and modification time, so a file replaced under the
+same name starts over. After a crash the next run sends each file only to the
+destinations that have not acknowledged it, and counts refusals toward quarantine.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS delivery (
+    path         TEXT    NOT NULL,
+    destination  TEXT    NOT NULL,
+    size         INTEGER NOT NULL,
+    mtime_ns     INTEGER NOT NULL,
+    delivered_at REAL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    refusals     INTEGER NOT NULL DEFAULT 0,
+    last_status  TEXT,
+    last_error   TEXT,
+    updated_at   REAL    NOT NULL,
+    PRIMARY KEY (path, destination)
+)
+"""
+
+
+@dataclass(frozen=True)
+class FileKey:
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class Delivery:
+    delivered: bool = False
+    attempts: int = 0
+    refusals: int = 0
+    last_error: str | None = None
+
+
+class Journal:
+    def __init__(self, state_dir: Path) -> None:
+        self.db = sqlite3.connect(state_dir / "journal.sqlite3", timeout=30,
+                                  check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def lookup(self, keys: Iterable[FileKey], destination: str) -> dict[FileKey, Delivery]:
+        """What the journal knows of these files at one destination (stale rows ignored)."""
+        # The journal only holds files still in the import dir, so one scan is cheap.
+        rows = {
+            row[0]: row[1:]
+            for row in self.db.execute(
+                "SELECT path, size, mtime_ns, delivered_at, attempts, refusals, last_error"
+                " FROM delivery WHERE destination = ?",
+                (destination,),
+            )
+        }
+        known: dict[FileKey, Delivery] = {}
+        for key in keys:
+            row = rows.get(key.path)
+            if row and row[0] == key.size and row[1] == key.mtime_ns:
+                known[key] = Delivery(row[2] is not None, row[3], row[4], row[5])
+            else:
+                known[key] = Delivery()
+        return known
+
+    def record(
+        self,
+        destination: str,
+        outcomes: Iterable[tuple[FileKey, bool, bool, str]],
+    ) -> None:
+        """Store (key, delivered, refused, status) per file after a send, in one transaction."""
+        now = time.time()
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            for key, delivered, refused, status in outcomes:
+                self.db.execute(
+                    "INSERT INTO delivery (path, destination, size, mtime_ns, delivered_at,"
+                    " attempts, refusals, last_status, last_error, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?)"
+                    " ON CONFLICT (path, destination) DO UPDATE SET"
+                    "  delivered_at = CASE WHEN size = excluded.size"
+                    "    AND mtime_ns = excluded.mtime_ns AND delivered_at IS NOT NULL"
+                    "    THEN delivered_at ELSE excluded.delivered_at END,"
+                    "  attempts = CASE WHEN size = excluded.size AND mtime_ns = excluded.mtime_ns"
+                    "    THEN attempts + 1 ELSE 1 END,"
+                    "  refusals = CASE WHEN size = excluded.size AND mtime_ns = excluded.mtime_ns"
+                    "    THEN refusals + excluded.refusals ELSE excluded.refusals END,"
+                    "  size = excluded.size, mtime_ns = excluded.mtime_ns,"
+                    "  last_status = excluded.last_status, last_error = excluded.last_error,"
+                    "  updated_at = excluded.updated_at",
+                    (key.path, destination, key.size, key.mtime_ns,
+                     now if delivered else None, int(refused), status,
+                     None if delivered else status, now),
+                )
+
+    def forget(self, paths: Iterable[str]) -> None:
+        """Drop rows of files that left the import dir (archived or quarantined)."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany("DELETE FROM delivery WHERE path = ?", ((p,) for p in paths))

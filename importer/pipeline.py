@@ -1,0 +1,520 @@
+"""One batch: snapshot -> validate -> stamp -> verify -> send -> archive.
+
+The order of the guarantees: a file is never sent unless a fresh read shows it carries
+its folder's identity; never archived unless every required PACS answered success for
+it; never quarantined or archived by a crash halfway (originals are only replaced by a
+verified copy, atomically). Folders are stamped one after another while the previous
+folder is being sent, so the two cores overlap DCMTK's work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import math
+import os
+import shutil
+import stat
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from importer import dcmtk
+from importer.archive import ArchiveError, move_file, remove_empty_dirs, write_reason
+from importer.config import Destination, Settings
+from importer.folders import Patient, display, parse_folder_name
+from importer.journal import FileKey, Journal
+from importer.logs import event, warn
+
+WORK_DIR_NAME = ".importer-work"
+MIN_FILES_PER_ASSOCIATION = 16
+UTF8_CHARSETS = ("", "ISO_IR 6", "ISO_IR 192")
+ORIGINAL_TAGS = (
+    dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME, dcmtk.CHARSET, dcmtk.BIRTH_DATE, dcmtk.SEX,
+    dcmtk.SOP_INSTANCE_UID, dcmtk.STUDY_INSTANCE_UID, dcmtk.MEDIA_STORAGE_SOP_CLASS,
+)
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+
+
+@dataclass
+class SourceFile:
+    path: str  # absolute; undecodable bytes kept as surrogate escapes
+    rel: str
+    size: int
+    mtime_ns: int
+
+    @property
+    def key(self) -> FileKey:
+        return FileKey(self.path, self.size, self.mtime_ns)
+
+
+@dataclass
+class Folder:
+    name: str
+    path: Path
+    patient: Patient
+    files: list[SourceFile]
+    left: list[tuple[str, str]] = field(default_factory=list)  # (rel, why), stays in place
+    unsent: list[SourceFile] = field(default_factory=list)  # not DICOM / DICOMDIR: archived
+    to_quarantine: dict[str, str] = field(default_factory=dict)  # path -> reason
+    ready: list[SourceFile] = field(default_factory=list)  # verified identity, sendable
+    pending: dict[str, str] = field(default_factory=dict)  # path -> why it waits for retry
+    held: str | None = None
+    sent: int = 0
+    archived: int = 0
+    quarantined: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class BatchReport:
+    folders: list[Folder] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        if self.errors or any(f.pending or f.quarantined or f.held for f in self.folders):
+            return 1
+        return 3 if self.busy else 0
+
+
+# --- snapshot -----------------------------------------------------------------------------
+
+
+def scan_import_dir(settings: Settings) -> tuple[list[tuple[str, Patient]], list[str]]:
+    """Top-level folders that name a patient, and everything else (left where it is)."""
+    matched: list[tuple[str, Patient]] = []
+    unmatched: list[str] = []
+    with os.scandir(settings.import_dir) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name.startswith((".", "@")):  # our work dir, Synology's @eaDir, dotfiles
+                continue
+            patient = None
+            if entry.is_dir(follow_symlinks=False):
+                patient = parse_folder_name(entry.name, settings.folder_pattern)
+            if patient is None:
+                unmatched.append(entry.name)
+            else:
+                matched.append((entry.name, patient))
+    return matched, unmatched
+
+
+def list_files(top: Path) -> tuple[list[SourceFile], list[tuple[str, str]]]:
+    """Regular files under top; symlinks and special files are listed apart, untouched."""
+    files: list[SourceFile] = []
+    left: list[tuple[str, str]] = []
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+        dirnames.sort()
+        for name in list(dirnames):
+            if os.path.islink(os.path.join(dirpath, name)):
+                left.append((os.path.relpath(os.path.join(dirpath, name), top),
+                             "symbolic link, not followed"))
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, top)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue  # vanished since the listing
+            if stat.S_ISLNK(st.st_mode):
+                left.append((rel, "symbolic link, not followed"))
+            elif not stat.S_ISREG(st.st_mode):
+                left.append((rel, "not a regular file"))
+            elif "\n" in name or "\r" in name:
+                left.append((rel, "file name contains a line break; rename it"))
+            else:
+                files.append(SourceFile(path, rel, st.st_size, st.st_mtime_ns))
+    return files, left
+
+
+@contextlib.contextmanager
+def folder_lock(settings: Settings, name: str) -> Iterator[bool]:
+    """An exclusive lock per folder in STATE_DIR; yields False if another process has it."""
+    if settings.dry_run:
+        yield True
+        return
+    lock_dir = settings.state_dir / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_dir / f"{_folder_hash(name)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _folder_hash(name: str) -> str:
+    return hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+
+
+# --- the batch ----------------------------------------------------------------------------
+
+
+def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
+              only: set[str] | None = None) -> BatchReport:
+    """Process every patient folder in the import dir once (or only the named ones)."""
+    report = BatchReport()
+    batch_stamp = time.strftime("%Y%m%d_%H%M%S")
+    matched, report.unmatched = scan_import_dir(settings)
+    for name in report.unmatched:
+        if quiet_unmatched is None or name not in quiet_unmatched:
+            warn("Pattern does not match: %s (left untouched, not sent)", display(name))
+            if quiet_unmatched is not None:
+                quiet_unmatched.add(name)
+    if only is not None:
+        matched = [(name, patient) for name, patient in matched if name in only]
+
+    with contextlib.ExitStack() as locks:
+        folders: list[Folder] = []
+        for name, patient in matched:
+            if not locks.enter_context(folder_lock(settings, name)):
+                event("INFO", "%s is being processed by another importer; skipped", display(name))
+                report.busy.append(name)
+                continue
+            files, left = list_files(settings.import_dir / name)
+            folder = Folder(name, settings.import_dir / name, patient, files, left)
+            for rel, why in left:
+                warn("%s/%s: %s (left in place)", display(name), display(rel), why)
+            if files:
+                folders.append(folder)
+        report.folders = folders
+        if not folders:
+            return report
+
+        dumps = _validate(folders)
+        _check_patients(folders, dumps, settings)
+        if settings.dry_run:
+            _describe(folders, dumps, settings)
+            return report
+
+        journal = Journal(settings.state_dir)
+        try:
+            with Sender(settings, journal) as sender:
+                for folder in folders:
+                    if folder.held:
+                        continue
+                    _stamp(folder, dumps, settings)
+                    sender.submit(folder)
+            for folder in folders:
+                _finish(folder, settings, journal, batch_stamp)
+        finally:
+            journal.close()
+    return report
+
+
+def _validate(folders: list[Folder]) -> dict[str, dcmtk.Dump]:
+    """[PHASE 1.5]: DICM magic for all files, then one full read of every DICOM file."""
+    all_files = [f.path for folder in folders for f in folder.files]
+    event("PHASE 1.5", "Validating %d files in %d folders", len(all_files), len(folders))
+    magic = dcmtk.dicom_magic(all_files)
+    dicom = [path for path in all_files if magic[path]]
+    dumps = dcmtk.dump_tags(dicom, ORIGINAL_TAGS)
+    for folder in folders:
+        candidates = []
+        for source in folder.files:
+            dump = dumps.get(source.path)
+            if dump is None:
+                warn("Not a DICOM file: %s/%s (archived with its folder, not sent)",
+                     display(folder.name), display(source.rel))
+                folder.unsent.append(source)
+            elif dump.error:
+                folder.to_quarantine[source.path] = f"DCMTK cannot read this file: {dump.error}"
+            elif (dump.values.get(dcmtk.MEDIA_STORAGE_SOP_CLASS) == DICOMDIR_SOP_CLASS
+                  or os.path.basename(source.path).upper() == "DICOMDIR"):
+                folder.unsent.append(source)  # a CD's index, not an image: never sent
+            else:
+                candidates.append(source)
+        folder.files = candidates
+    return dumps
+
+
+def _check_patients(folders: list[Folder], dumps: dict[str, dcmtk.Dump],
+                    settings: Settings) -> None:
+    """Two people in one folder (two CDs copied together) must never be merged."""
+    for folder in folders:
+        values = [dumps[f.path].values for f in folder.files]
+        births = {v.get(dcmtk.BIRTH_DATE) for v in values} - {None, ""}
+        sexes = {v.get(dcmtk.SEX) for v in values} - {None, ""}
+        ids = {v.get(dcmtk.PATIENT_ID) for v in values} - {None, ""}
+        if len(births) > 1 or len(sexes) > 1:
+            what = (f"birth dates {sorted(births)}" if len(births) > 1 else "") + (
+                f" sexes {sorted(sexes)}" if len(sexes) > 1 else "")
+            message = f"files disagree on {what.strip()}: this folder may hold two patients"
+            if settings.mixed_patients == "hold":
+                folder.held = message
+                warn("%s: %s; held, nothing stamped or sent (MIXED_PATIENTS=hold)",
+                     display(folder.name), message)
+            elif settings.mixed_patients == "warn":
+                warn("%s: %s; sending anyway (MIXED_PATIENTS=warn)", display(folder.name), message)
+        elif len(ids) > 1:
+            warn("%s: files carry %d different original patient IDs; birth date and sex agree,"
+                 " so they are stamped as one patient", display(folder.name), len(ids))
+
+
+def _describe(folders: list[Folder], dumps: dict[str, dcmtk.Dump], settings: Settings) -> None:
+    targets = ", ".join(d.label for d in settings.destinations)
+    for folder in folders:
+        event("DRY-RUN", "%s: would stamp %d files as %s and send them to %s; "
+              "%d not DICOM (archive unsent); %d unreadable (quarantine)%s",
+              display(folder.name), len(folder.files), _identity(folder.patient, settings),
+              targets, len(folder.unsent), len(folder.to_quarantine),
+              f"; HELD: {folder.held}" if folder.held else "")
+
+
+def _identity(patient: Patient, settings: Settings) -> str:
+    name = patient.name if settings.log_patient_names else "***"
+    return f"ID {patient.id} / name {name}"
+
+
+# --- [PHASE 1] stamp and verify --------------------------------------------------------------
+
+
+def _stamp(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -> None:
+    """Give every file its folder's identity through a verified copy, then swap it in."""
+    patient = folder.patient
+    utf8 = not patient.is_ascii()
+    to_stamp: list[SourceFile] = []
+    for source in folder.files:
+        values = dumps[source.path].values
+        if (values.get(dcmtk.PATIENT_ID) == patient.id
+                and values.get(dcmtk.PATIENT_NAME) == patient.name
+                and (not utf8 or values.get(dcmtk.CHARSET) == "ISO_IR 192")):
+            folder.ready.append(source)  # already stamped by an earlier run
+        else:
+            to_stamp.append(source)
+    event("PHASE 1", "%s: stamping %d files with %s (%d already carry it)",
+          display(folder.name), len(to_stamp), _identity(patient, settings), len(folder.ready))
+    if not to_stamp:
+        return
+
+    work = settings.import_dir / WORK_DIR_NAME / _folder_hash(folder.name)
+    shutil.rmtree(work, ignore_errors=True)  # leftovers of a crashed run: copies only
+    work.mkdir(parents=True)
+    try:
+        copies = _stage_copies(folder, to_stamp, dumps, work, utf8)
+        runs = dcmtk.stamp_identity(list(copies), patient, utf8=utf8)
+        messages = [line for run in runs for line in run.lines if line.startswith("E: ")]
+        checked = dcmtk.dump_tags(list(copies),
+                                  (dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME, dcmtk.CHARSET))
+        for copy, source in copies.items():
+            problem = _identity_problem(checked[copy], patient, utf8)
+            if problem:
+                said = [m for m in messages if copy in m]
+                folder.to_quarantine[source.path] = (
+                    f"the identity could not be written ({problem})"
+                    + (f"; dcmodify said: {' | '.join(said)}" if said else ""))
+                continue
+            try:
+                _replace(copy, source.path)
+                st = os.lstat(source.path)
+            except OSError as exc:
+                folder.pending[source.path] = f"cannot replace with stamped copy: {exc.strerror}"
+                continue
+            source.size, source.mtime_ns = st.st_size, st.st_mtime_ns
+            folder.ready.append(source)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        with contextlib.suppress(OSError):  # only when no other importer is using it
+            work.parent.rmdir()
+
+
+def _stage_copies(folder: Folder, to_stamp: list[SourceFile], dumps: dict[str, dcmtk.Dump],
+                  work: Path, utf8: bool) -> dict[str, SourceFile]:
+    """Copies to stamp (dcmodify -nb rewrites in place; the original must survive a crash)."""
+    copies: dict[str, SourceFile] = {}
+    conversions: list[tuple[SourceFile, str, str]] = []
+    for index, source in enumerate(to_stamp):
+        copy = str(work / f"{index}.dcm")
+        charset = dumps[source.path].values.get(dcmtk.CHARSET, "")
+        if utf8 and charset not in UTF8_CHARSETS:
+            conversions.append((source, copy, charset))
+            continue
+        try:
+            shutil.copyfile(source.path, copy)
+        except OSError as exc:
+            folder.pending[source.path] = f"cannot make a working copy: {exc.strerror}"
+            continue
+        copies[copy] = source
+    if conversions:
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            runs = pool.map(lambda c: dcmtk.convert_to_utf8(c[0].path, c[1]), conversions)
+            for (source, copy, charset), run in zip(conversions, runs, strict=True):
+                if run.exit_code == 0 and os.path.exists(copy):
+                    copies[copy] = source
+                else:
+                    said = " | ".join(line for line in run.lines if line[:3] in ("E: ", "F: "))
+                    folder.to_quarantine[source.path] = (
+                        f"cannot convert character set {charset!r} to UTF-8 for the non-ASCII "
+                        f"name (dcmconv +U8 exit {run.exit_code}: {said})")
+    return copies
+
+
+def _identity_problem(dump: dcmtk.Dump, patient: Patient, utf8: bool) -> str | None:
+    if dump.error:
+        return f"unreadable after stamping: {dump.error}"
+    values = dump.values
+    if values.get(dcmtk.PATIENT_ID) != patient.id:
+        return f"PatientID is {values.get(dcmtk.PATIENT_ID)!r}"
+    if values.get(dcmtk.PATIENT_NAME) != patient.name:
+        return f"PatientName is {values.get(dcmtk.PATIENT_NAME)!r}"
+    if utf8 and values.get(dcmtk.CHARSET) != "ISO_IR 192":
+        return f"SpecificCharacterSet is {values.get(dcmtk.CHARSET)!r}, not ISO_IR 192"
+    return None
+
+
+def _replace(copy: str, original: str) -> None:
+    """Atomically put the stamped copy in place of the original."""
+    try:
+        os.replace(copy, original)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        sibling = os.path.join(os.path.dirname(original), ".importer-" + os.path.basename(original))
+        shutil.copyfile(copy, sibling)
+        os.replace(sibling, original)
+
+
+# --- [PHASE 2] send ---------------------------------------------------------------------------
+
+
+class Sender:
+    """Sends folders' verified files to every destination in parallel, a few associations
+    each, while the caller stamps the next folder."""
+
+    def __init__(self, settings: Settings, journal: Journal) -> None:
+        self.settings = settings
+        self.journal = journal
+        workers = sum(d.associations for d in settings.destinations)
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="storescu")
+        self.futures: list[Future[None]] = []
+
+    def __enter__(self) -> Sender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for future in self.futures:
+            future.exception()  # wait; errors were recorded per file
+        self.pool.shutdown(wait=True)
+
+    def submit(self, folder: Folder) -> None:
+        if not folder.ready:
+            return
+        for destination in self.settings.destinations:
+            known = self.journal.lookup([f.key for f in folder.ready], destination.name)
+            todo = [f for f in folder.ready if not known[f.key].delivered]
+            if not todo:
+                continue
+            groups = _split(todo, destination)
+            event("PHASE 2", "%s: sending %d files to %s over %d association%s",
+                  display(folder.name), len(todo), destination.label, len(groups),
+                  "" if len(groups) == 1 else "s")
+            for group in groups:
+                self.futures.append(self.pool.submit(self._send, destination, group))
+
+    def _send(self, destination: Destination, files: list[SourceFile]) -> None:
+        try:
+            results, error = dcmtk.store(destination, [f.path for f in files])
+        except dcmtk.DcmtkMissing as exc:
+            results, error = {}, str(exc)
+        if error:
+            warn("%s: %s", destination.label, error)
+        outcomes = []
+        for source in files:
+            result = results.get(source.path) or dcmtk.StoreResult(dcmtk.Outcome.TRANSIENT, error)
+            outcomes.append((source.key, result.outcome is dcmtk.Outcome.DELIVERED,
+                             result.outcome is dcmtk.Outcome.PERMANENT, result.detail))
+        self.journal.record(destination.name, outcomes)
+
+
+def _split(files: list[SourceFile], destination: Destination) -> list[list[SourceFile]]:
+    count = max(1, min(destination.associations,
+                       math.ceil(len(files) / MIN_FILES_PER_ASSOCIATION)))
+    size = math.ceil(len(files) / count)
+    return [files[i:i + size] for i in range(0, len(files), size)]
+
+
+# --- [PHASE 3] archive, quarantine, report -------------------------------------------------------
+
+
+def _finish(folder: Folder, settings: Settings, journal: Journal, batch_stamp: str) -> None:
+    """Archive what every required PACS has; quarantine what cannot be sent; report."""
+    if folder.held:
+        event("INFO", "%s: held — %s", display(folder.name), folder.held)
+        return
+    archived: list[str] = []
+    required = [d for d in settings.destinations if d.required]
+    deliveries = {d.name: journal.lookup([f.key for f in folder.ready], d.name)
+                  for d in settings.destinations}
+    to_archive: list[SourceFile] = []
+    for source in folder.ready:
+        missing = [d for d in required if not deliveries[d.name][source.key].delivered]
+        if not missing:
+            to_archive.append(source)
+            continue
+        refused = [d for d in missing if deliveries[d.name][source.key].refusals
+                   >= settings.max_attempts]
+        if refused:
+            folder.to_quarantine[source.path] = "; ".join(
+                f"refused by {d.label} {deliveries[d.name][source.key].refusals} times:"
+                f" {deliveries[d.name][source.key].last_error}" for d in refused)
+        else:
+            folder.pending[source.path] = "; ".join(
+                f"not yet at {d.label}: {deliveries[d.name][source.key].last_error}"
+                for d in missing)
+    for d in settings.destinations:
+        if not d.required:
+            lacking = sum(not deliveries[d.name][f.key].delivered for f in folder.ready)
+            if lacking:
+                warn("%s: %d files did not reach optional destination %s",
+                     display(folder.name), lacking, d.label)
+    folder.sent = len(to_archive)
+
+    # Loose ends of a folder (not-DICOM files, a DICOMDIR) go once its images are done.
+    if not folder.pending:
+        to_archive += folder.unsent
+    target_root = settings.archive_dir / batch_stamp / folder.name
+    if to_archive:
+        event("PHASE 3", "%s: archiving %d files to %s", display(folder.name), len(to_archive),
+              display(str(target_root)))
+    for source in to_archive:
+        try:
+            move_file(Path(source.path), target_root / source.rel)
+        except ArchiveError as exc:
+            folder.pending[source.path] = f"cannot archive: {exc.strerror}"
+            continue
+        archived.append(source.path)
+    folder.archived = len(archived)
+
+    failed_root = settings.failed_dir / batch_stamp / folder.name
+    by_path = {f.path: f for f in folder.files + folder.unsent}
+    for path, reason in folder.to_quarantine.items():
+        rel = by_path[path].rel if path in by_path else os.path.relpath(path, folder.path)
+        try:
+            moved = move_file(Path(path), failed_root / rel)
+            write_reason(moved, f"{folder.name}/{rel}\n{reason}")
+        except (ArchiveError, OSError) as exc:
+            folder.pending[path] = f"cannot quarantine ({reason}): {exc.strerror}"
+            continue
+        warn("%s/%s quarantined in %s: %s", display(folder.name), display(rel),
+             display(str(failed_root)), reason)
+        archived.append(path)
+        folder.quarantined += 1
+    journal.forget(archived)
+    remove_empty_dirs(folder.path)
+    for path, why in folder.pending.items():
+        warn("%s: left for retry: %s", display(os.path.relpath(path, settings.import_dir)), why)
+    event("INFO", "%s: %d sent, %d not DICOM (archived unsent), %d quarantined,"
+          " %d left for retry, %d left in place, %.2f s",
+          display(folder.name), folder.sent, len(folder.unsent) if not folder.pending else 0,
+          folder.quarantined, len(folder.pending), len(folder.left),
+          time.monotonic() - folder.started)
