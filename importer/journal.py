@@ -7,6 +7,7 @@ destinations that have not acknowledged it, and counts refusals toward quarantin
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -15,7 +16,7 @@ from pathlib import Path
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS delivery (
-    path         TEXT    NOT NULL,
+    path         BLOB    NOT NULL,  -- file-system bytes: names need not be UTF-8
     destination  TEXT    NOT NULL,
     size         INTEGER NOT NULL,
     mtime_ns     INTEGER NOT NULL,
@@ -60,7 +61,7 @@ class Journal:
         """What the journal knows of these files at one destination (stale rows ignored)."""
         # The journal only holds files still in the import dir, so one scan is cheap.
         rows = {
-            row[0]: row[1:]
+            os.fsdecode(row[0]): row[1:]
             for row in self.db.execute(
                 "SELECT path, size, mtime_ns, delivered_at, attempts, refusals, last_error"
                 " FROM delivery WHERE destination = ?",
@@ -101,7 +102,7 @@ class Journal:
                     "  size = excluded.size, mtime_ns = excluded.mtime_ns,"
                     "  last_status = excluded.last_status, last_error = excluded.last_error,"
                     "  updated_at = excluded.updated_at",
-                    (key.path, destination, key.size, key.mtime_ns,
+                    (os.fsencode(key.path), destination, key.size, key.mtime_ns,
                      now if delivered else None, int(refused), status,
                      None if delivered else status, now),
                 )
@@ -110,4 +111,5 @@ class Journal:
         """Drop rows of files that left the import dir (archived or quarantined)."""
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
-            self.db.executemany("DELETE FROM delivery WHERE path = ?", ((p,) for p in paths))
+            self.db.executemany("DELETE FROM delivery WHERE path = ?",
+                                ((os.fsencode(p),) for p in paths))

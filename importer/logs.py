@@ -22,9 +22,10 @@ log = logging.getLogger("importer")
 _LEVEL_TAGS = {logging.WARNING: "WARN", logging.ERROR: "ERROR", logging.CRITICAL: "ERROR"}
 
 
-def event(tag: str, message: str, *args: Any, level: int = logging.INFO, **fields: Any) -> None:
+def event(tag: str, message: str, *args: Any, level: int = logging.INFO,
+          exc_info: BaseException | None = None, **fields: Any) -> None:
     """Log one event under an old-style tag such as ``PHASE 1`` or ``Watcher``."""
-    log.log(level, message, *args, extra={"tag": tag, **fields})
+    log.log(level, message, *args, exc_info=exc_info, extra={"tag": tag, **fields})
 
 
 def warn(message: str, *args: Any, **fields: Any) -> None:

@@ -28,7 +28,7 @@ from importer.archive import ArchiveError, move_file, remove_empty_dirs, write_r
 from importer.config import Destination, Settings
 from importer.folders import Patient, display, parse_folder_name
 from importer.journal import FileKey, Journal
-from importer.logs import event, warn
+from importer.logs import error, event, warn
 
 WORK_DIR_NAME = ".importer-work"
 MIN_FILES_PER_ASSOCIATION = 16
@@ -403,7 +403,8 @@ class Sender:
 
     def __exit__(self, *exc: object) -> None:
         for future in self.futures:
-            future.exception()  # wait; errors were recorded per file
+            if failure := future.exception():  # the files stay and are retried
+                error("sending stopped: %s", failure, exc_info=failure)
         self.pool.shutdown(wait=True)
 
     def submit(self, folder: Folder) -> None:

@@ -1,0 +1,49 @@
+# dicom-importer — the two commands a new user needs: `make run` and `make test`.
+# Each installs what it needs: Debian packages via apt-get when missing, Python deps in .venv.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEMO_DELAY ?= 5
+
+.PHONY: test run bench lint system-deps venv clean
+
+## Debian packages: DCMTK (the DICOM tools), Orthanc (demo PACS and test receiver), venv.
+system-deps:
+	@missing=""; \
+	command -v storescu >/dev/null 2>&1 || missing="$$missing dcmtk"; \
+	[ -x /usr/sbin/Orthanc ] || command -v Orthanc >/dev/null 2>&1 || missing="$$missing orthanc"; \
+	$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+## Lint, then the whole suite (unit + integration against real DCMTK and real receivers).
+test: system-deps venv
+	$(BIN)/ruff check importer tests bench
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check importer tests bench
+
+## Demo: Orthanc on 127.0.0.1 (DICOM 4242, HTTP 8042) and the importer on ./var/import.
+run: system-deps venv
+	$(BIN)/python -m tests.demo --delay $(DEMO_DELAY)
+
+## Benchmark: legacy scripts vs raw-tools floor vs importer, same corpus, same receiver.
+bench: system-deps venv
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,304 @@
+"""`importer run-once` end to end: real DCMTK tools against a real storescp on loopback.
+
+Each test asserts what a user cares about: which files the receiver got and with which
+identity, what was archived where, what stayed in the import dir, and the exit code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+
+from importer.config import load_settings
+from importer.pipeline import folder_lock
+from tests.conftest import IMPORTER, Site
+from tests.dicomgen import make_ct, make_patient_folder, truncated_copy, write_non_dicom
+from tests.receivers import StoreSCP
+
+
+def by_uid(receiver: StoreSCP) -> dict[str, pydicom.Dataset]:
+    return {ds.SOPInstanceUID: ds for ds in receiver.received_datasets()}
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every path under root with its content hash (or link target): 'untouched' made exact."""
+    digest = {}
+    for path in sorted(root.rglob("*")):
+        rel = os.fsencode(path.relative_to(root)).hex()
+        if path.is_symlink():
+            digest[rel] = "link:" + os.readlink(path)
+        elif path.is_file():
+            digest[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            digest[rel] = "dir"
+    return digest
+
+
+def test_folders_are_stamped_sent_and_archived(site: Site, storescp: StoreSCP) -> None:
+    site.use(storescp)
+    ascii_files = make_patient_folder(site.import_dir, "#12345-Doe^John", 5, rows=16, subdirs=2)
+    korean_files = make_patient_folder(site.import_dir, "#777-홍길동", 3, rows=16)
+    bare = site.import_dir / "#777-홍길동" / "no-patient-tags.dcm"
+    bare_uid = make_ct(bare, rows=16, omit_patient_tags=True)
+
+    result = site.run()
+
+    assert result.returncode == 0, result.stderr
+    received = by_uid(storescp)
+    assert len(received) == 9
+    for path in ascii_files:
+        rel = str(path.relative_to(site.import_dir))
+        archived = pydicom.dcmread(site.archived()[rel])
+        ds = received[archived.SOPInstanceUID]
+        assert (ds.PatientID, str(ds.PatientName)) == ("12345", "Doe^John")
+        assert "SpecificCharacterSet" not in ds  # an ASCII name needs no character set
+    for path in [*korean_files, bare]:
+        archived = pydicom.dcmread(site.archived()[str(path.relative_to(site.import_dir))])
+        ds = received[archived.SOPInstanceUID]
+        assert (ds.PatientID, str(ds.PatientName)) == ("777", "홍길동")
+        assert ds.SpecificCharacterSet == "ISO_IR 192"
+    assert received[bare_uid].PatientID == "777"  # inserted, not skipped (dcmodify -i)
+    # Archive layout: ARCHIVE_DIR/<yyyymmdd_hhmmss>/<folder>/<same relative path>.
+    (batch,) = site.archive_dir.iterdir()
+    assert len(batch.name) == 15 and batch.name[8] == "_"
+    assert (batch / "#12345-Doe^John" / "d1" / "d2" / "IM00002.dcm").is_file()
+    assert site.remaining() == []
+    assert not any(site.import_dir.iterdir()), "folders and the work dir are cleaned up"
+    # Console keeps the old tags; JSON logs hold one record per DCMTK call.
+    for tag in ("[PHASE 1]", "[PHASE 1.5]", "[PHASE 2]", "[PHASE 3]", "[INFO]"):
+        assert tag in result.stderr
+    assert "#12345-Doe^John: 5 sent" in result.stderr
+    tools = [r for r in site.log_records() if "tool" in r]
+    assert {r["tool"] for r in tools} >= {"dcmftest", "dcmdump", "dcmodify", "storescu"}
+    store = next(r for r in tools if r["tool"] == "storescu")
+    assert store["exit_code"] == 0 and store["argv"][0] == "storescu"
+    assert any("Received Store Response (Success)" in line for line in store["output"])
+    assert len([p for p in site.log_dir.iterdir() if p.name != "log.log"]) == 1
+    # Batched: never one dcmodify process per file.
+    assert sum(r["tool"] == "dcmodify" for r in tools) == 2
+
+
+def test_bad_files_are_never_sent_and_nothing_is_lost(site: Site, storescp: StoreSCP) -> None:
+    site.use(storescp)
+    folder = site.import_dir / "#5-Roe^Jane"
+    good_uid = make_ct(folder / "good.dcm", rows=16)
+    make_ct(folder / "whole.dcm", rows=64)
+    truncated_copy(folder / "whole.dcm", folder / "cut.dcm", 2000)  # DICM magic, cut short
+    (folder / "whole.dcm").unlink()
+    (folder / "empty.dcm").write_bytes(b"")
+    write_non_dicom(folder / "notes.txt")
+    make_ct(folder / "DICOMDIR", rows=16,  # a CD's index: DICOM, but never sent
+            extra=lambda ds: setattr(ds.file_meta, "MediaStorageSOPClassUID",
+                                     "1.2.840.10008.1.3.10"))
+
+    result = site.run()
+
+    assert result.returncode == 1, "a quarantined file is not a clean run"
+    assert set(by_uid(storescp)) == {good_uid}
+    archived = site.archived()
+    assert set(archived) == {"#5-Roe^Jane/good.dcm", "#5-Roe^Jane/empty.dcm",
+                             "#5-Roe^Jane/notes.txt", "#5-Roe^Jane/DICOMDIR"}
+    assert archived["#5-Roe^Jane/notes.txt"].read_text() == "not a DICOM file\n"
+    failed = site.failed()
+    assert set(failed) == {"#5-Roe^Jane/cut.dcm"}
+    assert failed["#5-Roe^Jane/cut.dcm"].stat().st_size == 2000, "quarantined as it was"
+    reason = failed["#5-Roe^Jane/cut.dcm"].with_name("cut.dcm.reason.txt").read_text()
+    assert "DCMTK cannot read this file" in reason
+    assert "Not a DICOM file: #5-Roe^Jane/notes.txt" in result.stderr
+    assert site.remaining() == []
+
+
+def test_unmatched_folders_loose_files_and_hostile_names_stay_untouched(
+        site: Site, storescp: StoreSCP) -> None:
+    site.use(storescp)
+    canary = site.root / "pwned"  # the importer runs in site.root
+    hostile = ["#1-$(touch pwned)", "#2-a;touch pwned", "#3-`touch pwned`", "#4-a b",
+               "#5-new\nline", "no hash", "#6-quote'\"", "$(touch pwned)", "#8-a|touch pwned"]
+    for name in hostile:
+        make_ct(site.import_dir / name / "a.dcm", rows=16)
+    os.mkdir(os.fsencode(site.import_dir) + b"/#7-\xff\xfe")
+    make_ct(os.fsdecode(os.fsencode(site.import_dir) + b"/#7-\xff\xfe/a.dcm"), rows=16)
+    make_ct(site.import_dir / "loose.dcm", rows=16)
+    before = tree_digest(site.import_dir)
+
+    result = site.run()
+    second = site.run()
+
+    assert result.returncode == 0, result.stderr
+    assert tree_digest(site.import_dir) == before
+    assert storescp.received() == []
+    assert not canary.exists()
+    assert result.stderr.count("Pattern does not match") == len(hostile) + 2
+    assert "#5-new\\nline" in result.stderr and "#7-\\xff\\xfe" in result.stderr
+    assert second.returncode == 0
+
+
+def test_pacs_down_keeps_everything_then_delivers(site: Site, tmp_path: Path) -> None:
+    receiver = StoreSCP(tmp_path / "received")  # not started yet: connection refused
+    site.use(receiver)
+    uids = {make_ct(site.import_dir / "#9-Down^Pacs" / f"{i}.dcm", rows=16) for i in range(4)}
+
+    down = site.run()
+
+    assert down.returncode == 1
+    assert "Connection refused" in down.stderr
+    assert site.archived() == {} and site.failed() == {}
+    assert len(site.remaining()) == 4
+    with receiver:
+        up = site.run()
+        got = by_uid(receiver)
+    assert up.returncode == 0, up.stderr
+    assert set(got) == uids
+    assert all(ds.PatientID == "9" for ds in got.values())
+    assert len(site.archived()) == 4 and site.remaining() == []
+
+
+def test_refused_association_is_transient(site: Site, tmp_path: Path) -> None:
+    with StoreSCP(tmp_path / "received", extra_args=["--refuse"]) as refusing:
+        site.use(refusing)
+        make_ct(site.import_dir / "#10-Refused^Assoc" / "a.dcm", rows=16)
+        result = site.run()
+        assert refusing.received() == []
+    assert result.returncode == 1
+    assert "Association Rejected" in result.stderr
+    assert site.archived() == {} and site.remaining() == ["#10-Refused^Assoc/a.dcm"]
+
+
+def test_symlinks_are_never_followed(site: Site, storescp: StoreSCP, tmp_path: Path) -> None:
+    site.use(storescp)
+    outside = tmp_path / "outside"
+    outside_uid = make_ct(outside / "secret.dcm", rows=16, patient_id="OTHER")
+    folder = site.import_dir / "#11-Link^Test"
+    own_uid = make_ct(folder / "own.dcm", rows=16)
+    (folder / "link.dcm").symlink_to(outside / "secret.dcm")
+    (folder / "linkdir").symlink_to(outside)
+    before = (outside / "secret.dcm").read_bytes()
+
+    result = site.run()
+
+    assert set(by_uid(storescp)) == {own_uid}
+    assert outside_uid not in by_uid(storescp)
+    assert (outside / "secret.dcm").read_bytes() == before
+    assert sorted(site.remaining()) == ["#11-Link^Test/link.dcm", "#11-Link^Test/linkdir"]
+    assert "symbolic link, not followed" in result.stderr
+    assert result.returncode == 0
+
+
+def test_file_names_that_are_not_utf8_are_sent_and_archived(site: Site,
+                                                             storescp: StoreSCP) -> None:
+    site.use(storescp)
+    folder = site.import_dir / "#12-Bytes^Name"
+    raw = os.fsencode(folder) + b"/IM\xe9 1 $(x).dcm"
+    uid = make_ct(os.fsdecode(raw), rows=16)
+
+    result = site.run()
+
+    assert result.returncode == 0, result.stderr
+    assert by_uid(storescp)[uid].PatientID == "12"
+    (archived,) = site.archived().values()
+    assert os.fsencode(archived.name) == b"IM\xe9 1 $(x).dcm"
+
+
+def test_dry_run_touches_nothing(site: Site, storescp: StoreSCP) -> None:
+    site.use(storescp)
+    make_patient_folder(site.import_dir, "#13-Dry^Run", 3, rows=16)
+    write_non_dicom(site.import_dir / "#13-Dry^Run" / "readme.txt")
+    before = tree_digest(site.import_dir)
+
+    result = site.run("run-once", "--dry-run")
+
+    assert result.returncode == 0, result.stderr
+    assert "would stamp 3 files as ID 13 / name Dry^Run" in result.stderr
+    assert tree_digest(site.import_dir) == before
+    assert storescp.received() == []
+    for path in (site.archive_dir, site.failed_dir, site.log_dir, site.state_dir):
+        assert not path.exists()
+
+
+def test_files_arriving_during_the_run_wait_for_the_next(site: Site, tmp_path: Path) -> None:
+    with StoreSCP(tmp_path / "received", extra_args=["--sleep-during", "2"]) as slow:
+        site.use(slow)
+        folder = site.import_dir / "#14-Late^Arrival"
+        first = make_ct(folder / "first.dcm", rows=16)
+        process = subprocess.Popen([IMPORTER, "run-once"], env=site.env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while "\"PHASE 2\"" not in _read(site.log_dir / "log.log"):
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.05)
+        late = make_ct(folder / "late.dcm", rows=16)
+        _out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err
+        assert set(by_uid(slow)) == {first}
+    assert set(site.archived()) == {"#14-Late^Arrival/first.dcm"}
+    assert site.remaining() == ["#14-Late^Arrival/late.dcm"]
+    assert pydicom.dcmread(folder / "late.dcm").SOPInstanceUID == late
+
+
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8") if path.exists() else ""
+
+
+def test_primary_and_backup_both_get_every_file(site: Site, tmp_path: Path) -> None:
+    with StoreSCP(tmp_path / "primary") as primary, StoreSCP(tmp_path / "backup",
+                                                             aet="BACKUP") as backup:
+        site.use(primary)
+        site.use(backup, "BACKUP_PACS")
+        uids = {make_ct(site.import_dir / "#15-Two^Pacs" / f"{i}.dcm", rows=16)
+                for i in range(20)}
+        result = site.run()
+        assert result.returncode == 0, result.stderr
+        assert set(by_uid(primary)) == uids and set(by_uid(backup)) == uids
+    assert len(site.archived()) == 20
+
+
+def test_backup_down_holds_files_and_retry_sends_only_what_is_missing(
+        site: Site, tmp_path: Path) -> None:
+    backup = StoreSCP(tmp_path / "backup", aet="BACKUP")
+    with StoreSCP(tmp_path / "primary") as primary:
+        site.use(primary)
+        site.use(backup, "BACKUP_PACS")
+        uids = {make_ct(site.import_dir / "#16-Backup^Down" / f"{i}.dcm", rows=16)
+                for i in range(3)}
+        first = site.run()
+        assert first.returncode == 1
+        assert site.archived() == {} and len(site.remaining()) == 3
+        assert set(by_uid(primary)) == uids
+        primary_files = primary.received()
+        for path in primary_files:
+            path.unlink()  # a resend to the primary would show up here
+        with backup:
+            second = site.run()
+            assert second.returncode == 0, second.stderr
+            assert set(by_uid(backup)) == uids
+        assert primary.received() == [], "the primary already had them"
+    assert len(site.archived()) == 3 and site.remaining() == []
+
+
+def test_busy_folder_exits_3_and_is_left_alone(site: Site, storescp: StoreSCP) -> None:
+    site.use(storescp)
+    make_ct(site.import_dir / "#17-Busy^Folder" / "a.dcm", rows=16)
+    settings = load_settings({}, site.env)
+    with folder_lock(settings, "#17-Busy^Folder") as acquired:
+        assert acquired
+        result = site.run()
+    assert result.returncode == 3
+    assert "being processed by another importer" in result.stderr
+    assert storescp.received() == [] and site.remaining() == ["#17-Busy^Folder/a.dcm"]
+
+
+def test_missing_dcmtk_and_bad_config_exit_2_without_traceback(site: Site) -> None:
+    no_dcmtk = {**site.env, "PATH": str(Path(IMPORTER).parent)}
+    result = site.run(env=no_dcmtk)
+    assert result.returncode == 2
+    assert "not found — install dcmtk" in result.stderr
+    bad_port = {**site.env, "PACS_SERVER_PORT": "eleven"}
+    result = site.run(env=bad_port)
+    assert result.returncode == 2
+    assert "PACS_SERVER_PORT: 'eleven' is not a port number" in result.stderr
+    assert "Traceback" not in result.stderr
