@@ -1,0 +1,1 @@
+"""Tests for dicom-importer; a package so ``python -m tests.receivers`` works."""
