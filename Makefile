@@ -31,11 +31,11 @@ $(BIN)/.installed: pyproject.toml
 
 ## Lint, then the whole suite (unit + integration against real DCMTK and real receivers).
 test: system-deps venv
-	$(BIN)/ruff check importer tests bench
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: venv
-	$(BIN)/ruff check importer tests bench
+	$(BIN)/ruff check .
 
 ## Demo: Orthanc on 127.0.0.1 (DICOM 4242, HTTP 8042) and the importer on ./var/import.
 run: system-deps venv

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import shutil
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -94,13 +95,44 @@ def run_once(dry_run: bool, verbose: bool, **flags: Any) -> None:
     """
     settings = _settings(flags, dry_run=dry_run)
     logs.setup(None if dry_run else settings.log_dir, verbose=verbose)
+    from importer.dcmtk import Stopped, request_stop
     from importer.pipeline import run_batch
 
+    def stop(signum: int, _frame: object) -> None:
+        logs.warn("%s received: stopping; unsent files stay for the next run",
+                  signal.Signals(signum).name)
+        request_stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     with logs.batch_log(None if dry_run else settings.log_dir):
         try:
             report = run_batch(settings)
+        except Stopped:
+            sys.exit(1)
         except OSError as exc:
             logs.error("Batch stopped: %s", exc)
             logging.getLogger("importer").debug("traceback", exc_info=True)
             sys.exit(1)
     sys.exit(report.exit_code)
+
+
+@main.command()
+@_common_options
+@click.option("--delay", type=int, metavar="SECONDS",
+              help="Quiet period per folder before it is processed (DELAY, default 180).")
+@click.option("--rescan", "rescan_seconds", type=click.IntRange(5, 86400), default=300,
+              show_default=True, metavar="SECONDS",
+              help="Full rescan interval, a safety net for shares that miss events.")
+@_user_errors
+def watch(verbose: bool, rescan_seconds: int, **flags: Any) -> None:
+    """Watch the import dir and process each folder once it has been quiet for DELAY s.
+
+    Folders already there at start-up are considered at once. SIGTERM or Ctrl-C stops
+    within seconds; nothing is lost, the next start picks up where this one left off.
+    """
+    settings = _settings(flags)
+    logs.setup(settings.log_dir, verbose=verbose)
+    from importer.watch import Watcher
+
+    Watcher(settings, rescan_seconds=rescan_seconds).run()

@@ -22,6 +22,7 @@ from enum import Enum
 
 import sh
 
+from importer import logs
 from importer.config import Destination
 from importer.folders import Patient
 
@@ -60,16 +61,30 @@ class ToolRun:
     lines: list[str] = field(default_factory=list)
 
 
+class Stopped(Exception):
+    """The importer is shutting down: no new DCMTK call starts."""
+
+
 _running: dict[int, sh.RunningCommand] = {}
 _running_lock = threading.Lock()
+_stopping = threading.Event()
 
 
-def terminate_all() -> None:
-    """Ask every DCMTK process still running to stop (on SIGTERM)."""
+def request_stop() -> None:
+    """On SIGTERM: end every running DCMTK process and refuse to start new ones.
+
+    A killed storescu leaves its unanswered files for the next run; a killed dcmodify only
+    ever works on copies.
+    """
+    _stopping.set()
     with _running_lock:
         for command in list(_running.values()):
             with contextlib.suppress(Exception):  # already gone
                 command.terminate()
+
+
+def stopping() -> bool:
+    return _stopping.is_set()
 
 
 def run(
@@ -80,6 +95,8 @@ def run(
     network: bool = False,
 ) -> ToolRun:
     """Run one DCMTK tool to completion, streaming its merged stdout/stderr."""
+    if _stopping.is_set():
+        raise Stopped(f"not starting {tool}: shutting down")
     try:
         command = sh.Command(tool)
     except sh.CommandNotFound:
@@ -100,6 +117,9 @@ def run(
         *args,
         _out=collect,
         _err_to_out=True,
+        # With an output callback and no stdin, sh creates a stdin queue whose thread
+        # polls every 0.1 s: +100 ms per call. DCMTK tools read no stdin.
+        _in=b"",
         _tty_out=False,
         _bg=True,
         _bg_exc=False,
@@ -110,6 +130,8 @@ def run(
     )
     with _running_lock:
         _running[id(running)] = running
+        if _stopping.is_set():  # a stop arrived while this one was starting
+            running.terminate()
     try:
         running.wait()
         exit_code = running.exit_code
@@ -119,12 +141,29 @@ def run(
         with _running_lock:
             _running.pop(id(running), None)
     result = ToolRun(tool, [tool, *args], exit_code, time.monotonic() - started, lines)
+    argv, output = result.argv, lines
+    if logs.hiding_names():  # LOG_PATIENT_NAMES=false: no PatientName value in the record
+        argv = [mask_patient_name(arg) for arg in argv]
+        output = [mask_patient_name(line) for line in lines]
     log.debug(
         "%s exit %s in %.3f s", tool, exit_code, result.seconds,
-        extra={"tool": tool, "argv": result.argv, "exit_code": exit_code,
-               "duration": round(result.seconds, 4), "output": lines},
+        extra={"tool": tool, "argv": argv, "exit_code": exit_code,
+               "duration": round(result.seconds, 4), "output": output},
     )
     return result
+
+
+# `(0010,0010)=<name>` in dcmodify's argv; `(0010,0010) PN [<name>]  # 8, 1 PatientName` (or
+# a UN/SQ rendering) in dcmdump's output: the value up to the length comment goes.
+_PATIENT_NAME_VALUE = re.compile(
+    r"(?P<head>\(0010,0010\)(?:=| [A-Za-z]{2} ))(?P<value>.*?)(?=\s+#\s*(?:\d+|u/l),|$)")
+
+
+def mask_patient_name(text: str) -> str:
+    """text with any PatientName value, as DCMTK's argv and dumps spell it, replaced by ***."""
+    if "(0010,0010)" not in text:
+        return text
+    return _PATIENT_NAME_VALUE.sub(lambda m: m["head"] + logs.MASK, text)
 
 
 def chunked(paths: Sequence[str], fixed_bytes: int = 0) -> Iterator[list[str]]:
@@ -242,6 +281,17 @@ def stamp_identity(paths: Sequence[str], patient: Patient, *, utf8: bool) -> lis
             "-i", f"(0010,0010)={patient.name}"]
     if utf8:
         args += ["-i", "(0008,0005)=ISO_IR 192"]
+    fixed = sum(len(a.encode()) + 9 for a in args)
+    return [run("dcmodify", [*args, *chunk]) for chunk in chunked(paths, fixed)]
+
+
+def set_charset(paths: Sequence[str], charset: str) -> list[ToolRun]:
+    """Insert-or-overwrite (0008,0005) in place, one call per chunk (``-nb``: copies only).
+
+    Only relabels; the bytes of the text stay as they are. Callers convert right after and
+    treat a failed conversion as the verdict, not this call's exit code.
+    """
+    args = ["-nb", "-ie", "-nmu", "-i", f"(0008,0005)={charset}"]
     fixed = sum(len(a.encode()) + 9 for a in args)
     return [run("dcmodify", [*args, *chunk]) for chunk in chunked(paths, fixed)]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ class Journal:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute(_SCHEMA)
+        self.lock = threading.Lock()  # one connection, shared by the sender threads
 
     def close(self) -> None:
         self.db.close()
@@ -60,14 +62,15 @@ class Journal:
     def lookup(self, keys: Iterable[FileKey], destination: str) -> dict[FileKey, Delivery]:
         """What the journal knows of these files at one destination (stale rows ignored)."""
         # The journal only holds files still in the import dir, so one scan is cheap.
-        rows = {
-            os.fsdecode(row[0]): row[1:]
-            for row in self.db.execute(
-                "SELECT path, size, mtime_ns, delivered_at, attempts, refusals, last_error"
-                " FROM delivery WHERE destination = ?",
-                (destination,),
-            )
-        }
+        with self.lock:
+            rows = {
+                os.fsdecode(row[0]): row[1:]
+                for row in self.db.execute(
+                    "SELECT path, size, mtime_ns, delivered_at, attempts, refusals, last_error"
+                    " FROM delivery WHERE destination = ?",
+                    (destination,),
+                )
+            }
         known: dict[FileKey, Delivery] = {}
         for key in keys:
             row = rows.get(key.path)
@@ -84,7 +87,7 @@ class Journal:
     ) -> None:
         """Store (key, delivered, refused, status) per file after a send, in one transaction."""
         now = time.time()
-        with self.db:
+        with self.lock, self.db:
             self.db.execute("BEGIN IMMEDIATE")
             for key, delivered, refused, status in outcomes:
                 self.db.execute(
@@ -109,7 +112,7 @@ class Journal:
 
     def forget(self, paths: Iterable[str]) -> None:
         """Drop rows of files that left the import dir (archived or quarantined)."""
-        with self.db:
+        with self.lock, self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.executemany("DELETE FROM delivery WHERE path = ?",
                                 ((os.fsencode(p),) for p in paths))

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
+import threading
 import time
-from collections.abc import Iterator
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,72 @@ def error(message: str, *args: Any, **fields: Any) -> None:
     event("ERROR", message, *args, level=logging.ERROR, **fields)
 
 
+# --- LOG_PATIENT_NAMES=false: names never reach the console or LOG_DIR --------------------
+
+MASK = "***"
+_hidden: Counter[str] = Counter()  # name (NFC and NFD forms) -> batches hiding it
+_hidden_lock = threading.Lock()
+_hidden_pattern: re.Pattern[str] | None = None
+_hiding = 0  # > 0 while any batch runs with LOG_PATIENT_NAMES=false
+
+
+@contextlib.contextmanager
+def hidden_names(names: Iterable[str]) -> Iterator[None]:
+    """While active, every log line (console and JSON, any field) shows these names as ***.
+
+    Also tells :mod:`importer.dcmtk` to mask PatientName values (``(0010,0010)``) in the
+    argv and output of its tool records, which may hold names no folder announced.
+    """
+    global _hiding
+    forms = Counter({form for name in names if name
+                     for form in (unicodedata.normalize("NFC", name),
+                                  unicodedata.normalize("NFD", name), name)})
+    with _hidden_lock:
+        _hidden.update(forms)
+        _hiding += 1
+        _compile_hidden()
+    try:
+        yield
+    finally:
+        with _hidden_lock:
+            _hidden.subtract(forms)
+            _hiding -= 1
+            _compile_hidden()
+
+
+def _compile_hidden() -> None:
+    global _hidden_pattern
+    names = sorted((name for name, count in _hidden.items() if count > 0), key=len, reverse=True)
+    _hidden_pattern = re.compile("|".join(map(re.escape, names))) if names else None
+
+
+def hiding_names() -> bool:
+    """True while a batch runs with LOG_PATIENT_NAMES=false."""
+    return _hiding > 0
+
+
+def redact(text: str) -> str:
+    """text with every hidden name replaced by ***."""
+    pattern = _hidden_pattern
+    return pattern.sub(MASK, text) if pattern is not None else text
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, list | tuple):
+        return [_redact_value(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _redact_value(item) for key, item in value.items()}
+    return value
+
+
+class _RedactingJsonFormatter(JsonFormatter):
+    def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
+        log_data = super().process_log_record(log_data)
+        return _redact_value(log_data) if _hidden_pattern is not None else log_data
+
+
 class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         tag = _LEVEL_TAGS.get(record.levelno) or getattr(record, "tag", None) or "INFO"
@@ -43,11 +113,11 @@ class ConsoleFormatter(logging.Formatter):
         text = f"{stamp} [{tag}] {record.getMessage()}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
-        return text
+        return redact(text)
 
 
 def _json_formatter() -> JsonFormatter:
-    return JsonFormatter(
+    return _RedactingJsonFormatter(
         "{asctime}{levelname}{name}{message}",
         style="{",
         rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},

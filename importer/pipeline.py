@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from importer import dcmtk
+from importer import dcmtk, logs
 from importer.archive import ArchiveError, move_file, remove_empty_dirs, write_reason
 from importer.config import Destination, Settings
 from importer.folders import Patient, display, parse_folder_name
@@ -33,6 +33,12 @@ from importer.logs import error, event, warn
 WORK_DIR_NAME = ".importer-work"
 MIN_FILES_PER_ASSOCIATION = 16
 UTF8_CHARSETS = ("", "ISO_IR 6", "ISO_IR 192")
+# Korean in the wild: (0008,0005) says "ISO_IR 149" (or "ISO 2022 IR 149" as value 1), which
+# DCMTK refuses. Both name KS X 1001, which DICOM only defines with code extensions, as
+# "\ISO 2022 IR 149". A working copy is relabelled so and converted; dcmconv then accepts
+# exactly the text that carries the ESC $ ) C designation DICOM requires before Korean in
+# every value/component, and fails loudly (the file is quarantined) on plain EUC-KR.
+RELABEL_CHARSETS = {"ISO_IR 149": "\\ISO 2022 IR 149", "ISO 2022 IR 149": "\\ISO 2022 IR 149"}
 ORIGINAL_TAGS = (
     dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME, dcmtk.CHARSET, dcmtk.BIRTH_DATE, dcmtk.SEX,
     dcmtk.SOP_INSTANCE_UID, dcmtk.STUDY_INSTANCE_UID, dcmtk.MEDIA_STORAGE_SOP_CLASS,
@@ -175,6 +181,8 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
         matched = [(name, patient) for name, patient in matched if name in only]
 
     with contextlib.ExitStack() as locks:
+        if not settings.log_patient_names:
+            locks.enter_context(logs.hidden_names(patient.name for _, patient in matched))
         folders: list[Folder] = []
         for name, patient in matched:
             if not locks.enter_context(folder_lock(settings, name)):
@@ -203,7 +211,10 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
                 for folder in folders:
                     if folder.held:
                         continue
-                    _stamp(folder, dumps, settings)
+                    try:
+                        _stamp(folder, dumps, settings)
+                    except dcmtk.Stopped:
+                        break  # shutting down: archive what was delivered, leave the rest
                     sender.submit(folder)
             for folder in folders:
                 _finish(folder, settings, journal, batch_stamp)
@@ -330,32 +341,68 @@ def _stamp(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -> 
 
 def _stage_copies(folder: Folder, to_stamp: list[SourceFile], dumps: dict[str, dcmtk.Dump],
                   work: Path, utf8: bool) -> dict[str, SourceFile]:
-    """Copies to stamp (dcmodify -nb rewrites in place; the original must survive a crash)."""
+    """Copies to stamp (dcmodify -nb rewrites in place; the original must survive a crash).
+
+    For a non-ASCII name, a file in another character set becomes UTF-8 first (dcmconv +U8,
+    in parallel); one labelled with a term DCMTK does not know (RELABEL_CHARSETS) is
+    relabelled on a copy first. A file that cannot be converted is quarantined, never sent.
+    """
     copies: dict[str, SourceFile] = {}
-    conversions: list[tuple[SourceFile, str, str]] = []
+    conversions: list[tuple[SourceFile, str, str, str]] = []  # source, dcmconv input, copy, set
+    to_relabel: dict[str, list[str]] = {}  # standard term -> copies to relabel with it
     for index, source in enumerate(to_stamp):
         copy = str(work / f"{index}.dcm")
         charset = dumps[source.path].values.get(dcmtk.CHARSET, "")
-        if utf8 and charset not in UTF8_CHARSETS:
-            conversions.append((source, copy, charset))
+        if not utf8 or charset in UTF8_CHARSETS:
+            target = copy  # stamped as it is
+        elif charset in RELABEL_CHARSETS:
+            target = str(work / f"{index}.relabelled.dcm")
+        else:
+            conversions.append((source, source.path, copy, charset))
             continue
         try:
-            shutil.copyfile(source.path, copy)
+            shutil.copyfile(source.path, target)
         except OSError as exc:
             folder.pending[source.path] = f"cannot make a working copy: {exc.strerror}"
             continue
-        copies[copy] = source
-    if conversions:
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            runs = pool.map(lambda c: dcmtk.convert_to_utf8(c[0].path, c[1]), conversions)
-            for (source, copy, charset), run in zip(conversions, runs, strict=True):
-                if run.exit_code == 0 and os.path.exists(copy):
-                    copies[copy] = source
-                else:
-                    said = " | ".join(line for line in run.lines if line[:3] in ("E: ", "F: "))
-                    folder.to_quarantine[source.path] = (
-                        f"cannot convert character set {charset!r} to UTF-8 for the non-ASCII "
-                        f"name (dcmconv +U8 exit {run.exit_code}: {said})")
+        if target == copy:
+            copies[copy] = source
+        else:
+            to_relabel.setdefault(RELABEL_CHARSETS[charset], []).append(target)
+            conversions.append((source, target, copy, charset))
+    for standard, paths in to_relabel.items():
+        dcmtk.set_charset(paths, standard)  # the conversion below is the verdict
+    if not conversions:
+        return copies
+    converted: dict[str, SourceFile] = {}
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        runs = pool.map(lambda c: dcmtk.convert_to_utf8(c[1], c[2]), conversions)
+        for (source, given, copy, charset), run in zip(conversions, runs, strict=True):
+            if given != source.path:
+                with contextlib.suppress(OSError):
+                    os.unlink(given)
+            if run.exit_code == 0 and os.path.exists(copy):
+                converted[copy] = source
+                continue
+            said = " | ".join(line for line in run.lines if line[:3] in ("E: ", "F: "))
+            why = (f"cannot convert character set {charset!r} to UTF-8 for the non-ASCII "
+                   f"name (dcmconv +U8 exit {run.exit_code}: {said})")
+            if given != source.path:
+                why += (f"; {charset!r} is not a DICOM term, so it was tried as "
+                        f"{RELABEL_CHARSETS[charset]!r} (the same Korean KS X 1001): typically "
+                        "its Korean text is plain EUC-KR without the ESC $ ) C escape sequence "
+                        "DICOM requires before Korean in each value and name component. Fix "
+                        "the file at its source, or import it under an ASCII folder name "
+                        "(then its text is left as it is)")
+            folder.to_quarantine[source.path] = why
+    # Not the exit code's word: the stamp adds ISO_IR 192 anyway, so check it is dcmconv's.
+    for copy, dump in dcmtk.dump_tags(list(converted), (dcmtk.CHARSET,)).items():
+        if dump.error or dump.values.get(dcmtk.CHARSET) != "ISO_IR 192":
+            folder.to_quarantine[converted[copy].path] = (
+                "dcmconv +U8 did not leave a UTF-8 file: "
+                + (dump.error or f"SpecificCharacterSet is {dump.values.get(dcmtk.CHARSET)!r}"))
+        else:
+            copies[copy] = converted[copy]
     return copies
 
 
@@ -366,6 +413,8 @@ def _identity_problem(dump: dcmtk.Dump, patient: Patient, utf8: bool) -> str | N
     if values.get(dcmtk.PATIENT_ID) != patient.id:
         return f"PatientID is {values.get(dcmtk.PATIENT_ID)!r}"
     if values.get(dcmtk.PATIENT_NAME) != patient.name:
+        if logs.hiding_names():
+            return "PatientName is not the folder's (value not shown: LOG_PATIENT_NAMES=false)"
         return f"PatientName is {values.get(dcmtk.PATIENT_NAME)!r}"
     if utf8 and values.get(dcmtk.CHARSET) != "ISO_IR 192":
         return f"SpecificCharacterSet is {values.get(dcmtk.CHARSET)!r}, not ISO_IR 192"
@@ -425,7 +474,7 @@ class Sender:
     def _send(self, destination: Destination, files: list[SourceFile]) -> None:
         try:
             results, error = dcmtk.store(destination, [f.path for f in files])
-        except dcmtk.DcmtkMissing as exc:
+        except (dcmtk.DcmtkMissing, dcmtk.Stopped) as exc:
             results, error = {}, str(exc)
         if error:
             warn("%s: %s", destination.label, error)
@@ -479,6 +528,11 @@ def _finish(folder: Folder, settings: Settings, journal: Journal, batch_stamp: s
                 warn("%s: %d files did not reach optional destination %s",
                      display(folder.name), lacking, d.label)
     folder.sent = len(to_archive)
+    ready_paths = {f.path for f in folder.ready}
+    for source in folder.files:  # not stamped at all, e.g. the importer is stopping
+        if not (source.path in ready_paths or source.path in folder.to_quarantine
+                or source.path in folder.pending):
+            folder.pending[source.path] = "not processed in this run"
 
     # Loose ends of a folder (not-DICOM files, a DICOMDIR) go once its images are done.
     if not folder.pending:

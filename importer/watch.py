@@ -1,0 +1,259 @@
+"""`importer watch`: inotify on the import dir; quiet folders go through the pipeline.
+
+Events only say *which top-level folder* had activity: the pipeline lists the folder
+afresh when it runs, so no per-file state is kept here and no event can be "missed" for
+a file as long as its folder is touched again — by an event, by the scan of a new
+directory (files can land before its watch exists), by a queue-overflow rescan or by the
+periodic rescan for shares that drop events. Idle means blocked in ``select`` on the
+inotify descriptor and a signal pipe: no polling.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import time
+from pathlib import Path
+
+from inotify_simple import INotify, flags
+
+from importer import dcmtk, logs
+from importer.config import Settings
+from importer.debounce import QuietTimers
+from importer.folders import display, parse_folder_name
+from importer.logs import event, warn
+from importer.pipeline import list_files, run_batch
+
+WATCH_MASK = (flags.CREATE | flags.MOVED_TO | flags.CLOSE_WRITE | flags.MOVED_FROM
+              | flags.DELETE | flags.DELETE_SELF)
+HEARTBEAT_SECONDS = 30.0
+
+
+class Watcher:
+    def __init__(self, settings: Settings, *, rescan_seconds: float = 300.0) -> None:
+        self.settings = settings
+        self.root = str(settings.import_dir)
+        self.rescan_seconds = rescan_seconds
+        self.timers = QuietTimers(settings.delay)
+        self.inotify = INotify()
+        self.watches: dict[int, str] = {}  # watch descriptor -> directory
+        self.watch_limit_hit = False
+        self.quiet_unmatched: set[str] = set()
+        self.seen: dict[str, int] = {}  # held folder -> fingerprint of its files when held
+        self.retrying: set[str] = set()
+        self.heartbeat = settings.state_dir / "heartbeat"
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stop = False
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Watch until SIGTERM/SIGINT; return once everything in flight is settled."""
+        previous = {sig: signal.signal(sig, self._on_signal)
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        old_wakeup = signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
+        try:
+            event("Watcher", "Watching %s (DELAY %d s, rescan every %d s)", self.root,
+                  self.settings.delay, self.rescan_seconds)
+            self._add_tree(self.root)
+            self.rescan(startup=True)
+            next_rescan = time.monotonic() + self.rescan_seconds
+            while not self._stop:
+                self._beat()
+                timeout = min(HEARTBEAT_SECONDS, max(0.0, next_rescan - time.monotonic()))
+                pending = self.timers.seconds_until_next()
+                if pending is not None:
+                    timeout = min(timeout, pending)
+                self._wait(timeout)
+                if self._stop:
+                    break
+                if time.monotonic() >= next_rescan:
+                    self.rescan()
+                    next_rescan = time.monotonic() + self.rescan_seconds
+                due = self.timers.due()
+                if due:
+                    self._process(due)
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.inotify.close()
+            os.close(self._wake_read)
+            os.close(self._wake_write)
+        event("Watcher", "Stopped")
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if not self._stop:
+            event("Watcher", "%s received: stopping", signal.Signals(signum).name)
+        self._stop = True
+        dcmtk.request_stop()
+
+    def _beat(self) -> None:
+        try:
+            self.heartbeat.touch()
+        except OSError as exc:
+            warn("Cannot touch heartbeat %s: %s", self.heartbeat, exc.strerror)
+
+    # --- waiting and events ---------------------------------------------------------------
+
+    def _wait(self, timeout: float) -> None:
+        """Block in the kernel until an event, a signal or the timeout."""
+        try:
+            readable, _, _ = select.select([self.inotify.fileno(), self._wake_read], [], [],
+                                           timeout)
+        except InterruptedError:
+            return
+        if self._wake_read in readable:
+            while True:
+                try:
+                    if not os.read(self._wake_read, 512):
+                        break
+                except BlockingIOError:
+                    break
+        if self.inotify.fileno() in readable:
+            self.handle_events(self.inotify.read(timeout=0))
+
+    def handle_events(self, events: list, *, ignore: frozenset[str] = frozenset()) -> None:
+        """Touch the top-level folder of each event (except those in ignore)."""
+        touched: set[str] = set()
+        for ev in events:
+            if ev.mask & flags.Q_OVERFLOW:
+                warn("inotify queue overflowed: rescanning %s", self.root)
+                self.rescan()
+                continue
+            if ev.mask & flags.IGNORED:
+                self.watches.pop(ev.wd, None)
+                continue
+            directory = self.watches.get(ev.wd)
+            if directory is None:
+                continue
+            path = os.path.join(directory, ev.name) if ev.name else directory
+            if ev.mask & flags.ISDIR and ev.mask & (flags.CREATE | flags.MOVED_TO):
+                self._add_tree(path)  # files may have landed before this watch existed
+            top = self._top_level(path)
+            if top is not None and top not in ignore:
+                touched.add(top)
+        for top in touched:
+            self._touch(top)
+
+    def _touch(self, top: str, at: float | None = None) -> None:
+        if self.timers.touch(top, at) and at is None:
+            event("Waiter", "Timer has been reset: %s (processing after %d s of quiet)",
+                  display(top), self.settings.delay)
+
+    def _top_level(self, path: str) -> str | None:
+        rel = os.path.relpath(path, self.root)
+        if rel in (".", "") or rel.startswith(".."):
+            return None
+        top = rel.split(os.sep, 1)[0]
+        return None if top.startswith((".", "@")) else top
+
+    # --- watches and scans ------------------------------------------------------------------
+
+    def _add_tree(self, top: str) -> None:
+        for dirpath, dirnames, _files in os.walk(top, followlinks=False):
+            dirnames[:] = [d for d in dirnames if not (dirpath == self.root
+                                                       and d.startswith((".", "@")))]
+            if self.watch_limit_hit:
+                return
+            try:
+                wd = self.inotify.add_watch(dirpath, WATCH_MASK)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    self.watch_limit_hit = True
+                    warn("inotify watch limit reached (fs.inotify.max_user_watches); new files"
+                         " are found by rescans every %d s instead", self.rescan_seconds)
+                    return
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                    continue  # gone already
+                raise
+            self.watches[wd] = dirpath
+
+    def rescan(self, *, startup: bool = False) -> None:
+        """Consider every folder with something new: due at (newest file + DELAY), so
+        folders that have been quiet long enough go at once."""
+        if not startup:
+            self._add_tree(self.root)
+        now_wall, now_mono = time.time(), time.monotonic()
+        with os.scandir(self.root) as entries:
+            names = [e.name for e in entries if not e.name.startswith((".", "@"))]
+        pending = self.timers.pending()
+        for name in sorted(names):
+            if parse_folder_name(name, self.settings.folder_pattern) is None:
+                if name not in self.quiet_unmatched:
+                    warn("Pattern does not match: %s (left untouched, not sent)", display(name))
+                    self.quiet_unmatched.add(name)
+                continue
+            if name in pending:
+                continue
+            newest, fingerprint = scan_folder(Path(self.root) / name)
+            if newest is None or self.seen.get(name) == fingerprint:
+                continue  # empty, or nothing new since it was last processed
+            age = max(0.0, now_wall - newest)
+            self._touch(name, at=now_mono - age)
+            if startup:
+                event("Watcher", "Found %s (newest file %d s old)", display(name), age)
+
+    # --- processing -------------------------------------------------------------------------
+
+    def _process(self, due: list[str]) -> None:
+        names = []
+        for name in due:
+            if parse_folder_name(name, self.settings.folder_pattern) is None:
+                continue
+            newest, fingerprint = scan_folder(Path(self.root) / name)
+            if newest is None:
+                continue  # archived or removed meanwhile
+            if name not in self.retrying and self.seen.get(name) == fingerprint:
+                continue  # a held folder nobody has changed
+            names.append(name)
+        if not names:
+            return
+        for name in names:
+            event("Waiter", "Quiet for %d s: processing %s", self.settings.delay, display(name))
+        with logs.batch_log(self.settings.log_dir):
+            try:
+                report = run_batch(self.settings, quiet_unmatched=self.quiet_unmatched,
+                                   only=set(names))
+            except dcmtk.Stopped:
+                return
+            except (OSError, dcmtk.DcmtkMissing) as exc:
+                logs.error("Batch stopped: %s; retrying later", exc)
+                for name in names:
+                    self.retrying.add(name)
+                    self.timers.failed(name)
+                return
+        # Events queued while the batch ran are mostly our own renames; what really arrived
+        # meanwhile is found by the scan below, which runs after this drain.
+        self.handle_events(self.inotify.read(timeout=0), ignore=frozenset(names))
+        for name in names:
+            newest, fingerprint = scan_folder(Path(self.root) / name)
+            folder = next((f for f in report.folders if f.name == name), None)
+            self.seen.pop(name, None)
+            if newest is None:
+                self.retrying.discard(name)
+                self.timers.succeeded(name)
+            elif name in report.busy or (folder is not None and folder.pending):
+                self.retrying.add(name)
+                wait = self.timers.failed(name)
+                event("Waiter", "%s: files remain; retrying in %d s", display(name), wait)
+            elif folder is not None and folder.held:
+                self.retrying.discard(name)
+                self.seen[name] = fingerprint  # wait for a person to change something
+            else:
+                # Files that arrived while the batch ran: they get their own quiet period.
+                self.retrying.discard(name)
+                self.timers.succeeded(name)
+                self._touch(name)
+
+
+def scan_folder(top: Path) -> tuple[float | None, int]:
+    """Newest modification time of the files the pipeline would take from top (None: no
+    such file) and a fingerprint of them all, to tell whether anything changed."""
+    files, _left = list_files(top)
+    if not files:
+        return None, 0
+    newest = max(f.mtime_ns for f in files) / 1e9
+    return newest, hash(tuple(sorted((f.path, f.size, f.mtime_ns) for f in files)))
