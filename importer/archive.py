@@ -81,3 +81,28 @@ def remove_empty_dirs(top: Path) -> None:
     for dirpath, _dirnames, _files in os.walk(top, topdown=False, followlinks=False):
         with contextlib.suppress(OSError):  # not empty: something stays for later or a person
             os.rmdir(dirpath)
+
+
+def restore_quarantined(path: Path, failed_dir: Path, import_dir: Path) -> list[Path]:
+    """Put quarantined files (one file, a folder, or a whole batch) back into the import dir.
+
+    ``FAILED_DIR/<ts>/<folder>/<rel>`` goes back to ``IMPORT_DIR/<folder>/<rel>``; its
+    reason file is removed once the file is back. Returns where the files went.
+    """
+    path = path.resolve()
+    failed_dir = failed_dir.resolve()
+    if failed_dir not in path.parents:
+        raise ArchiveError(errno.EINVAL, f"{path} is not inside FAILED_DIR {failed_dir}")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    restored = []
+    for source in files:
+        if source.name.endswith(".reason.txt") or source.is_symlink():
+            continue
+        parts = source.relative_to(failed_dir).parts  # (<ts>, <folder>, *rel)
+        if len(parts) < 3:
+            continue
+        restored.append(move_file(source, import_dir.joinpath(*parts[1:])))
+        Path(str(source) + ".reason.txt").unlink(missing_ok=True)
+    if path.is_dir():
+        remove_empty_dirs(path)
+    return restored

@@ -8,6 +8,7 @@ folder.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import shutil
 import signal
@@ -136,3 +137,106 @@ def watch(verbose: bool, rescan_seconds: int, **flags: Any) -> None:
     from importer.watch import Watcher
 
     Watcher(settings, rescan_seconds=rescan_seconds).run()
+
+
+@main.command()
+@_common_options
+@_user_errors
+def check(verbose: bool, **flags: Any) -> None:
+    """Check the configuration, DCMTK tools, directories and C-ECHO to every destination.
+
+    Exits 1 naming what failed (e.g. a destination AET@host:port that does not answer).
+    """
+    settings = _settings(flags)
+    logs.setup(None, verbose=verbose)
+    from importer.status import run_checks
+
+    checks = run_checks(settings)
+    for item in checks:
+        click.echo(f"{'ok  ' if item.ok else 'FAIL'}  {item.name}: {item.detail}")
+    failed = [item.name for item in checks if not item.ok]
+    if failed:
+        click.echo(f"importer: check failed: {'; '.join(failed)}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@_common_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_user_errors
+def status(verbose: bool, as_json: bool, **flags: Any) -> None:
+    """Show pending folders and their quiet timers, unmatched entries, quarantined files
+    and each destination's last success and failure."""
+    settings = _settings(flags, dry_run=True)
+    from importer.status import gather_status
+
+    report = gather_status(settings)
+    if as_json:
+        click.echo(json.dumps(report, ensure_ascii=False, indent=2))
+        return
+    click.echo(f"Import dir {report['import_dir']}")
+    click.echo(f"Pending folders: {len(report['pending'])}")
+    for item in report["pending"]:
+        click.echo(f"  {item['folder']}: {item['files']} files, quiet for {item['quiet_for_s']} s,"
+                   f" due in {item['due_in_s']} s"
+                   + (f", {item['left_in_place']} left in place" if item["left_in_place"] else ""))
+    click.echo(f"Not matching the folder pattern (left untouched): {len(report['unmatched'])}")
+    for name in report["unmatched"]:
+        click.echo(f"  {name}")
+    click.echo(f"Quarantined files: {len(report['quarantined'])}")
+    for item in report["quarantined"]:
+        click.echo(f"  {item['file']}: {item['reason']}")
+    click.echo("Destinations:")
+    for item in report["destinations"]:
+        click.echo(f"  {item['destination']} ({item['name']}"
+                   f"{'' if item['required'] else ', optional'}): last success"
+                   f" {item['last_success'] or 'never'}, last failure"
+                   f" {item['last_failure'] or 'never'}"
+                   + (f" ({item['last_error']})" if item["last_failure"] else ""))
+
+
+@main.command()
+@_common_options
+@click.option("--yes", "confirmed", is_flag=True,
+              help="Really delete; without it only lists what would go.")
+@_user_errors
+def prune(verbose: bool, confirmed: bool, **flags: Any) -> None:
+    """Delete batch logs older than LOG_RETENTION_DAYS (30) and archive batches older than
+    ARCHIVE_RETENTION_DAYS (90). A dry run unless --yes; `watch` prunes daily by itself."""
+    settings = _settings(flags)
+    logs.setup(settings.log_dir if confirmed else None, verbose=verbose)
+    from importer.retention import prune as prune_expired
+
+    items = prune_expired(settings, dry_run=not confirmed)
+    for item in items:
+        click.echo(f"{'deleted' if confirmed else 'would delete'} {item.kind}"
+                   f" {item.path} ({item.age_days:.0f} days old)")
+    if not items:
+        click.echo("nothing older than the retention periods")
+    elif not confirmed:
+        click.echo("dry run: add --yes to delete")
+
+
+@main.command()
+@_common_options
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@_user_errors
+def retry(verbose: bool, paths: tuple[str, ...], **flags: Any) -> None:
+    """Put quarantined files (files, folders or batches under FAILED_DIR) back into the
+    import dir, to be sent again."""
+    settings = _settings(flags)
+    logs.setup(settings.log_dir, verbose=verbose)
+    from pathlib import Path
+
+    from importer.archive import ArchiveError, restore_quarantined
+
+    total = 0
+    for path in paths:
+        try:
+            restored = restore_quarantined(Path(path), settings.failed_dir, settings.import_dir)
+        except ArchiveError as exc:
+            raise ConfigError(str(exc)) from None
+        total += len(restored)
+        for target in restored:
+            logs.event("INFO", "Back for import: %s", target)
+    click.echo(f"{total} files put back into {settings.import_dir}")

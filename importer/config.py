@@ -53,6 +53,8 @@ class Settings:
     delay: int = 180
     mixed_patients: str = "hold"
     max_attempts: int = 3  # refusals by a PACS before a file is quarantined
+    log_retention_days: int = 30  # 0 keeps logs forever
+    archive_retention_days: int = 90  # 0 keeps archives forever
     log_patient_names: bool = True
     dry_run: bool = False
 
@@ -73,6 +75,8 @@ _SCALARS: dict[str, tuple[str, Any]] = {
     "dimse_timeout": ("DIMSE_TIMEOUT", 120),
     "mixed_patients": ("MIXED_PATIENTS", "hold"),
     "max_attempts": ("MAX_ATTEMPTS", 3),
+    "log_retention_days": ("LOG_RETENTION_DAYS", 30),
+    "archive_retention_days": ("ARCHIVE_RETENTION_DAYS", 90),
     "log_patient_names": ("LOG_PATIENT_NAMES", True),
 }
 
@@ -130,6 +134,8 @@ def load_settings(
         delay=get("delay", _int_range(0, 7 * 86400)),
         mixed_patients=get("mixed_patients", _choice("hold", "warn", "allow")),
         max_attempts=get("max_attempts", _int_range(1, 100)),
+        log_retention_days=get("log_retention_days", _int_range(0, 36500)),
+        archive_retention_days=get("archive_retention_days", _int_range(0, 36500)),
         log_patient_names=get("log_patient_names", _bool),
         dry_run=bool(flags.get("dry_run", False)),
     )

@@ -229,10 +229,11 @@ def dump_tags(paths: Sequence[str], tags: Iterable[str]) -> dict[str, Dump]:
     as an error even when its header reads fine.
     """
     tag_args = [arg for tag in tags for arg in ("+P", tag)]
+    # -Un: UIDs as numbers; by default a well-known one prints as `=Name`, not `[uid]`.
     parser = _DumpParser()
     for chunk in chunked(paths, fixed_bytes=sum(len(a) + 9 for a in tag_args)):
         parser.current = None
-        run("dcmdump", ["+F", "+L", "+p", *tag_args, *chunk], on_line=parser)
+        run("dcmdump", ["+F", "+L", "+p", "-Un", *tag_args, *chunk], on_line=parser)
     dumps = parser.dumps
     for path in paths:
         if path not in dumps:
@@ -344,13 +345,7 @@ def store(destination: Destination, paths: Sequence[str]) -> tuple[dict[str, Sto
     answer arrived (connection refused, association rejected or aborted) are TRANSIENT.
     The second value is the association-level error, if any.
     """
-    args = [
-        "-v", "-nh",
-        "-aet", destination.calling_aet, "-aec", destination.called_aet,
-        "-to", str(destination.connect_timeout), "-ta", str(destination.acse_timeout),
-        "-td", str(destination.dimse_timeout),
-        destination.host, str(destination.port),
-    ]
+    args = ["-v", "-nh", *_association_args(destination), destination.host, str(destination.port)]
     parser = _StoreParser()
     fixed = sum(len(a) + 9 for a in args)
     for chunk in chunked(paths, fixed):
@@ -394,6 +389,20 @@ class _StoreParser:
                 self.results[self.failed].detail += ": " + line[3:]
             if line.startswith("F: ") or "Association" in line:
                 self.association_errors.append(line[3:])
+
+
+def _association_args(destination: Destination) -> list[str]:
+    return [
+        "-aet", destination.calling_aet, "-aec", destination.called_aet,
+        "-to", str(destination.connect_timeout), "-ta", str(destination.acse_timeout),
+        "-td", str(destination.dimse_timeout),
+    ]
+
+
+def echo(destination: Destination) -> ToolRun:
+    """C-ECHO: does the PACS accept an association from us at all?"""
+    return run("echoscu", ["-v", *_association_args(destination),
+                           destination.host, str(destination.port)], network=True)
 
 
 def versions() -> dict[str, str]:

@@ -28,7 +28,13 @@ CREATE TABLE IF NOT EXISTS delivery (
     last_error   TEXT,
     updated_at   REAL    NOT NULL,
     PRIMARY KEY (path, destination)
-)
+);
+CREATE TABLE IF NOT EXISTS destination (
+    name             TEXT PRIMARY KEY,
+    last_success_at  REAL,
+    last_failure_at  REAL,
+    last_error       TEXT
+);
 """
 
 
@@ -53,7 +59,7 @@ class Journal:
                                   check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute(_SCHEMA)
+        self.db.executescript(_SCHEMA)
         self.lock = threading.Lock()  # one connection, shared by the sender threads
 
     def close(self) -> None:
@@ -87,6 +93,8 @@ class Journal:
     ) -> None:
         """Store (key, delivered, refused, status) per file after a send, in one transaction."""
         now = time.time()
+        last_success: float | None = None
+        last_failure: str | None = None
         with self.lock, self.db:
             self.db.execute("BEGIN IMMEDIATE")
             for key, delivered, refused, status in outcomes:
@@ -109,6 +117,18 @@ class Journal:
                      now if delivered else None, int(refused), status,
                      None if delivered else status, now),
                 )
+                if delivered:
+                    last_success = now
+                else:
+                    last_failure = status
+            self.db.execute("INSERT INTO destination (name) VALUES (?) ON CONFLICT DO NOTHING",
+                            (destination,))
+            if last_success is not None:
+                self.db.execute("UPDATE destination SET last_success_at = ? WHERE name = ?",
+                                (last_success, destination))
+            if last_failure is not None:
+                self.db.execute("UPDATE destination SET last_failure_at = ?, last_error = ?"
+                                " WHERE name = ?", (now, last_failure, destination))
 
     def forget(self, paths: Iterable[str]) -> None:
         """Drop rows of files that left the import dir (archived or quarantined)."""
@@ -116,3 +136,11 @@ class Journal:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.executemany("DELETE FROM delivery WHERE path = ?",
                                 ((os.fsencode(p),) for p in paths))
+
+    def destinations(self) -> dict[str, dict[str, float | str | None]]:
+        """Per destination: when it last took a file, when it last failed, and why."""
+        with self.lock:
+            rows = self.db.execute(
+                "SELECT name, last_success_at, last_failure_at, last_error FROM destination")
+            return {name: {"last_success_at": ok, "last_failure_at": bad, "last_error": error}
+                    for name, ok, bad, error in rows}

@@ -25,6 +25,7 @@ from importer.debounce import QuietTimers
 from importer.folders import display, parse_folder_name
 from importer.logs import event, warn
 from importer.pipeline import list_files, run_batch
+from importer.retention import prune, seconds_until_daily
 
 WATCH_MASK = (flags.CREATE | flags.MOVED_TO | flags.CLOSE_WRITE | flags.MOVED_FROM
               | flags.DELETE | flags.DELETE_SELF)
@@ -43,6 +44,7 @@ class Watcher:
         self.quiet_unmatched: set[str] = set()
         self.seen: dict[str, int] = {}  # held folder -> fingerprint of its files when held
         self.retrying: set[str] = set()
+        self.last_prune: float | None = None
         self.heartbeat = settings.state_dir / "heartbeat"
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stop = False
@@ -62,7 +64,10 @@ class Watcher:
             next_rescan = time.monotonic() + self.rescan_seconds
             while not self._stop:
                 self._beat()
-                timeout = min(HEARTBEAT_SECONDS, max(0.0, next_rescan - time.monotonic()))
+                if seconds_until_daily(self.last_prune) == 0:
+                    self._prune()
+                timeout = min(HEARTBEAT_SECONDS, max(0.0, next_rescan - time.monotonic()),
+                              seconds_until_daily(self.last_prune))
                 pending = self.timers.seconds_until_next()
                 if pending is not None:
                     timeout = min(timeout, pending)
@@ -89,6 +94,17 @@ class Watcher:
             event("Watcher", "%s received: stopping", signal.Signals(signum).name)
         self._stop = True
         dcmtk.request_stop()
+
+    def _prune(self) -> None:
+        """Daily retention (replaces the old host cron lines)."""
+        self.last_prune = time.monotonic()
+        try:
+            removed = prune(self.settings, dry_run=False)
+        except OSError as exc:
+            warn("Pruning old logs and archives failed: %s", exc)
+            return
+        for item in removed:
+            event("INFO", "Pruned %s %s (%d days old)", item.kind, item.path, item.age_days)
 
     def _beat(self) -> None:
         try:

@@ -1,0 +1,70 @@
+"""Pruning by age, replacing the old host cron lines (logs 30 days, archives 90 days).
+
+Only what this program wrote is ever removed: per-batch logs named
+``<yyyymmdd-HHMMSS>.log`` and archive batches named ``<yyyymmdd_hhmmss>``; the age comes
+from that name, so copying an archive elsewhere (new mtimes) does not keep it alive or
+kill it early. Quarantined files are never pruned: a person has to look at them.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from importer.config import Settings
+
+_BATCH_LOG = re.compile(r"^(\d{8}-\d{6})\.log$")
+_ARCHIVE_BATCH = re.compile(r"^(\d{8}_\d{6})$")
+
+
+@dataclass(frozen=True)
+class Expired:
+    path: Path
+    kind: str  # "log" or "archive"
+    age_days: float
+
+
+def expired(settings: Settings, now: datetime | None = None) -> list[Expired]:
+    """Logs and archive batches older than their retention (0 days = keep forever)."""
+    now = now or datetime.now()
+    found: list[Expired] = []
+    for kind, root, pattern, fmt, days in (
+        ("log", settings.log_dir, _BATCH_LOG, "%Y%m%d-%H%M%S", settings.log_retention_days),
+        ("archive", settings.archive_dir, _ARCHIVE_BATCH, "%Y%m%d_%H%M%S",
+         settings.archive_retention_days),
+    ):
+        if days <= 0 or not root.is_dir():
+            continue
+        for entry in sorted(root.iterdir()):
+            match = pattern.match(entry.name)
+            if not match or entry.is_symlink():
+                continue
+            try:
+                age = now - datetime.strptime(match.group(1), fmt)
+            except ValueError:
+                continue
+            if age > timedelta(days=days):
+                found.append(Expired(entry, kind, age.total_seconds() / 86400))
+    return found
+
+
+def prune(settings: Settings, *, dry_run: bool, now: datetime | None = None) -> list[Expired]:
+    """Remove what has expired (or only list it); return what was (or would be) removed."""
+    items = expired(settings, now)
+    if not dry_run:
+        for item in items:
+            if item.path.is_dir():
+                shutil.rmtree(item.path)
+            else:
+                item.path.unlink(missing_ok=True)
+    return items
+
+
+def seconds_until_daily(last: float | None, now: float | None = None) -> float:
+    """For `watch`: prune at start, then once a day."""
+    now = time.monotonic() if now is None else now
+    return 0.0 if last is None else max(0.0, last + 86400 - now)

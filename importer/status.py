@@ -1,0 +1,102 @@
+"""What an operator asks: is the setup sound (`check`), and what is waiting (`status`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from importer import dcmtk
+from importer.config import Settings
+from importer.folders import display
+from importer.journal import Journal
+from importer.pipeline import list_files, scan_import_dir
+
+TOOLS = ("dcmftest", "dcmdump", "dcmodify", "dcmconv", "storescu", "echoscu")
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def run_checks(settings: Settings) -> list[Check]:
+    """Tools present, directories writable, every destination answers C-ECHO."""
+    checks = []
+    versions = dcmtk.versions()
+    for tool in TOOLS:
+        path = shutil.which(tool)
+        checks.append(Check(f"tool {tool}", path is not None,
+                            f"{path} ({versions.get(tool, '?')})" if path else versions[tool]))
+    for label, path in (("IMPORT_DIR", settings.import_dir), ("ARCHIVE_DIR", settings.archive_dir),
+                        ("FAILED_DIR", settings.failed_dir), ("LOG_DIR", settings.log_dir),
+                        ("STATE_DIR", settings.state_dir)):
+        ok = path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+        checks.append(Check(label, ok, f"{path} {'writable' if ok else 'missing or not writable'}"))
+    for destination in settings.destinations:
+        if shutil.which("echoscu") is None:
+            break
+        run = dcmtk.echo(destination)
+        problem = next((line[3:] for line in run.lines if line.startswith(("F: ", "E: "))),
+                       f"echoscu exit code {run.exit_code}")
+        role = "required" if destination.required else "optional"
+        checks.append(Check(f"C-ECHO {destination.label} ({destination.name}, {role})",
+                            run.exit_code == 0,
+                            f"answered in {run.seconds:.2f} s" if run.exit_code == 0 else problem))
+    return checks
+
+
+def gather_status(settings: Settings) -> dict[str, Any]:
+    """Pending folders (with when a watcher would take them), unmatched entries,
+    quarantined files and each destination's last success and failure."""
+    now = time.time()
+    matched, unmatched = scan_import_dir(settings)
+    pending = []
+    for name, _patient in matched:
+        files, left = list_files(settings.import_dir / name)
+        if not files and not left:
+            continue
+        newest = max((f.mtime_ns / 1e9 for f in files), default=now)
+        pending.append({
+            "folder": display(name), "files": len(files), "left_in_place": len(left),
+            "bytes": sum(f.size for f in files), "quiet_for_s": round(now - newest),
+            "due_in_s": max(0, round(newest + settings.delay - now)),
+        })
+    quarantined = []
+    if settings.failed_dir.is_dir():
+        for reason in sorted(settings.failed_dir.rglob("*.reason.txt")):
+            text = reason.read_text(encoding="utf-8", errors="replace").splitlines()
+            quarantined.append({
+                "file": display(str(reason.with_name(reason.name[:-len(".reason.txt")]))),
+                "reason": " ".join(text[1:]).strip() or "(no reason recorded)",
+            })
+    destinations = []
+    known: dict[str, dict[str, Any]] = {}
+    if (settings.state_dir / "journal.sqlite3").exists():
+        journal = Journal(settings.state_dir)
+        try:
+            known = journal.destinations()
+        finally:
+            journal.close()
+    for destination in settings.destinations:
+        entry = known.get(destination.name, {})
+        destinations.append({
+            "name": destination.name, "destination": destination.label,
+            "required": destination.required,
+            "last_success": _when(entry.get("last_success_at")),
+            "last_failure": _when(entry.get("last_failure_at")),
+            "last_error": entry.get("last_error"),
+        })
+    return {"import_dir": str(settings.import_dir), "pending": pending,
+            "unmatched": [display(n) for n in unmatched], "quarantined": quarantined,
+            "destinations": destinations}
+
+
+def _when(timestamp: Any) -> str | None:
+    if not isinstance(timestamp, int | float):
+        return None
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
