@@ -388,12 +388,12 @@ def _stage_copies(folder: Folder, to_stamp: list[SourceFile], dumps: dict[str, d
             why = (f"cannot convert character set {charset!r} to UTF-8 for the non-ASCII "
                    f"name (dcmconv +U8 exit {run.exit_code}: {said})")
             if given != source.path:
-                why += (f"; {charset!r} is not a DICOM term, so it was tried as "
-                        f"{RELABEL_CHARSETS[charset]!r} (the same Korean KS X 1001): typically "
+                why += (f"; DICOM has no {charset!r} (Korean is only defined as a code "
+                        f"extension), so it was tried as {RELABEL_CHARSETS[charset]!r}: typically "
                         "its Korean text is plain EUC-KR without the ESC $ ) C escape sequence "
                         "DICOM requires before Korean in each value and name component. Fix "
                         "the file at its source, or import it under an ASCII folder name "
-                        "(then its text is left as it is)")
+                        "(then its text is sent as it is, in its own character set)")
             folder.to_quarantine[source.path] = why
     # Not the exit code's word: the stamp adds ISO_IR 192 anyway, so check it is dcmconv's.
     for copy, dump in dcmtk.dump_tags(list(converted), (dcmtk.CHARSET,)).items():
