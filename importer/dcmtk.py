@@ -205,6 +205,7 @@ SEX = "0010,0040"
 SOP_INSTANCE_UID = "0008,0018"
 STUDY_INSTANCE_UID = "0020,000d"
 MEDIA_STORAGE_SOP_CLASS = "0002,0002"
+TRANSFER_SYNTAX = "0002,0010"
 
 _HEADER = re.compile(r"^# dcmdump \(\d+/\d+\): (?P<path>.*)$")
 _ELEMENT = re.compile(
@@ -321,6 +322,7 @@ _SENDING = "I: Sending file: "
 _RESPONSE = re.compile(r"^I: Received Store Response \((?P<status>.*)\)\s*$")
 _BAD_FILE = re.compile(r"^E: Bad DICOM file: (?P<rest>.*)$")
 _STORE_FAILED = "E: Store Failed, file: "
+_NO_UID = "E: No SOP Class or Instance UID in file: "
 
 
 def classify_status(status: str) -> Outcome:
@@ -338,14 +340,39 @@ def classify_status(status: str) -> Outcome:
     return Outcome.PERMANENT
 
 
-def store(destination: Destination, paths: Sequence[str]) -> tuple[dict[str, StoreResult], str]:
+# storescu proposes uncompressed transfer syntaxes unless told otherwise; a compressed file
+# then fails with "DIMSE Failed to send message". Option per (compressed) transfer syntax.
+_PROPOSE = {
+    "1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.57": "-xs", "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.4.100": "-xm", "1.2.840.10008.1.2.4.101": "-xh",
+    "1.2.840.10008.1.2.4.102": "-xn", "1.2.840.10008.1.2.4.103": "-xl",
+    "1.2.840.10008.1.2.4.104": "-x2", "1.2.840.10008.1.2.4.105": "-x3",
+    "1.2.840.10008.1.2.4.106": "-xo", "1.2.840.10008.1.2.4.107": "-x4",
+    "1.2.840.10008.1.2.4.108": "-x5", "1.2.840.10008.1.2.5": "-xr",
+    "1.2.840.10008.1.2.1.99": "-xd",
+}
+
+
+def proposal_for(transfer_syntax: str) -> str:
+    """The storescu option that proposes this transfer syntax ('' = uncompressed default)."""
+    return _PROPOSE.get(transfer_syntax, "")
+
+
+def store(destination: Destination, paths: Sequence[str],
+          proposal: str = "") -> tuple[dict[str, StoreResult], str]:
     """Send files over one association per chunk; return each file's result.
 
     A file counts as delivered only by the PACS's own answer for it. Files for which no
     answer arrived (connection refused, association rejected or aborted) are TRANSIENT.
     The second value is the association-level error, if any.
     """
-    args = ["-v", "-nh", *_association_args(destination), destination.host, str(destination.port)]
+    # -R: propose only the SOP classes present, so classes outside storescu's default list
+    # (e.g. Segmentation) can be sent too.
+    args = ["-v", "-nh", "-R", *([proposal] if proposal else []),
+            *_association_args(destination), destination.host, str(destination.port)]
     parser = _StoreParser()
     fixed = sum(len(a) + 9 for a in args)
     for chunk in chunked(paths, fixed):
@@ -384,11 +411,17 @@ class _StoreParser:
             self.failed = line[len(_STORE_FAILED):].rstrip(":")
             self.results[self.failed] = StoreResult(Outcome.TRANSIENT, "store failed")
             self.current = None
+        elif line.startswith(_NO_UID):  # found while checking input files
+            self.results[line[len(_NO_UID):]] = StoreResult(Outcome.PERMANENT, line[3:])
         elif line.startswith(("E: ", "F: ")):
             if self.failed:
                 self.results[self.failed].detail += ": " + line[3:]
             if line.startswith("F: ") or "Association" in line:
                 self.association_errors.append(line[3:])
+            elif not self.failed and self.current and self.current not in self.results:
+                # e.g. "No presentation context for: (SG) …": the PACS accepted no
+                # context for this file's SOP class and transfer syntax.
+                self.results[self.current] = StoreResult(Outcome.PERMANENT, line[3:])
 
 
 def _association_args(destination: Destination) -> list[str]:

@@ -42,6 +42,7 @@ RELABEL_CHARSETS = {"ISO_IR 149": "\\ISO 2022 IR 149", "ISO 2022 IR 149": "\\ISO
 ORIGINAL_TAGS = (
     dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME, dcmtk.CHARSET, dcmtk.BIRTH_DATE, dcmtk.SEX,
     dcmtk.SOP_INSTANCE_UID, dcmtk.STUDY_INSTANCE_UID, dcmtk.MEDIA_STORAGE_SOP_CLASS,
+    dcmtk.TRANSFER_SYNTAX,
 )
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 
@@ -52,6 +53,7 @@ class SourceFile:
     rel: str
     size: int
     mtime_ns: int
+    transfer_syntax: str = ""  # from the first full read; stamping keeps it
 
     @property
     def key(self) -> FileKey:
@@ -244,6 +246,7 @@ def _validate(folders: list[Folder]) -> dict[str, dcmtk.Dump]:
                   or os.path.basename(source.path).upper() == "DICOMDIR"):
                 folder.unsent.append(source)  # a CD's index, not an image: never sent
             else:
+                source.transfer_syntax = dump.values.get(dcmtk.TRANSFER_SYNTAX, "")
                 candidates.append(source)
         folder.files = candidates
     return dumps
@@ -468,12 +471,14 @@ class Sender:
             event("PHASE 2", "%s: sending %d files to %s over %d association%s",
                   display(folder.name), len(todo), destination.label, len(groups),
                   "" if len(groups) == 1 else "s")
-            for group in groups:
-                self.futures.append(self.pool.submit(self._send, destination, group))
+            for transfer_syntax, group in groups:
+                self.futures.append(
+                    self.pool.submit(self._send, destination, transfer_syntax, group))
 
-    def _send(self, destination: Destination, files: list[SourceFile]) -> None:
+    def _send(self, destination: Destination, transfer_syntax: str,
+              files: list[SourceFile]) -> None:
         try:
-            results, error = dcmtk.store(destination, [f.path for f in files])
+            results, error = dcmtk.store(destination, [f.path for f in files], transfer_syntax)
         except (dcmtk.DcmtkMissing, dcmtk.Stopped) as exc:
             results, error = {}, str(exc)
         if error:
@@ -486,11 +491,20 @@ class Sender:
         self.journal.record(destination.name, outcomes)
 
 
-def _split(files: list[SourceFile], destination: Destination) -> list[list[SourceFile]]:
-    count = max(1, min(destination.associations,
-                       math.ceil(len(files) / MIN_FILES_PER_ASSOCIATION)))
-    size = math.ceil(len(files) / count)
-    return [files[i:i + size] for i in range(0, len(files), size)]
+def _split(files: list[SourceFile],
+           destination: Destination) -> list[tuple[str, list[SourceFile]]]:
+    """Associations to open: per transfer syntax (storescu proposes compressed syntaxes only
+    when told), each split over up to `associations` parallel associations."""
+    by_syntax: dict[str, list[SourceFile]] = {}
+    for source in files:
+        by_syntax.setdefault(dcmtk.proposal_for(source.transfer_syntax), []).append(source)
+    groups = []
+    for syntax, same in by_syntax.items():
+        count = max(1, min(destination.associations,
+                           math.ceil(len(same) / MIN_FILES_PER_ASSOCIATION)))
+        size = math.ceil(len(same) / count)
+        groups += [(syntax, same[i:i + size]) for i in range(0, len(same), size)]
+    return groups
 
 
 # --- [PHASE 3] archive, quarantine, report -------------------------------------------------------

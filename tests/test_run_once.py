@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -302,3 +303,40 @@ def test_missing_dcmtk_and_bad_config_exit_2_without_traceback(site: Site) -> No
     assert result.returncode == 2
     assert "PACS_SERVER_PORT: 'eleven' is not a port number" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_compressed_files_and_uncommon_sop_classes_are_delivered(site: Site,
+                                                                 tmp_path: Path) -> None:
+    """storescu proposes only uncompressed syntaxes and its default SOP classes unless told;
+    the importer proposes what each file needs (-R and -xy/-xw/-xr/…)."""
+    from pydicom.data import get_testdata_file
+
+    samples = {  # file -> transfer syntax it keeps
+        "SC_rgb_jpeg_dcmtk.dcm": "1.2.840.10008.1.2.4.50",  # JPEG baseline
+        "JPGExtended.dcm": "1.2.840.10008.1.2.4.51",
+        "JPEG2000.dcm": "1.2.840.10008.1.2.4.91",
+        "MR_small_RLE.dcm": "1.2.840.10008.1.2.5",
+        "JPEGLSNearLossless_08.dcm": "1.2.840.10008.1.2.4.81",
+        "image_dfl.dcm": "1.2.840.10008.1.2.1.99",  # deflated
+        "liver_1frame.dcm": "1.2.840.10008.1.2.1",  # Segmentation: not in storescu's list
+    }
+    folder = site.import_dir / "#30-Compressed^Mix"
+    folder.mkdir()
+    uids = {}
+    for name in samples:
+        source = get_testdata_file(name)
+        assert source, f"pydicom sample {name} missing"
+        shutil.copyfile(source, folder / name)
+        uids[pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID] = name
+    assert len(uids) == len(samples), "each sample is a distinct instance"
+    site.env["MIXED_PATIENTS"] = "allow"  # pydicom's samples are of different people
+    with StoreSCP(tmp_path / "received", extra_args=["+xa"]) as receiver:  # accept all
+        site.use(receiver)
+        result = site.run()
+        received = by_uid(receiver)
+    assert result.returncode == 0, result.stderr
+    assert set(received) == set(uids)
+    for uid, ds in received.items():
+        assert ds.PatientID == "30" and str(ds.PatientName) == "Compressed^Mix"
+        assert ds.file_meta.TransferSyntaxUID == samples[uids[uid]], uids[uid]
+    assert len(site.archived()) == len(samples)
