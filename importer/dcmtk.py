@@ -273,13 +273,16 @@ def _clean(value: str) -> str:
 # --- dcmodify / dcmconv -----------------------------------------------------------------
 
 
-def stamp_identity(paths: Sequence[str], patient: Patient, *, utf8: bool) -> list[ToolRun]:
-    """Insert-or-overwrite PatientID/PatientName (and the UTF-8 character set) in place.
+def stamp_identity(paths: Sequence[str], patient: Patient, *, utf8: bool,
+                   backup: bool) -> list[ToolRun]:
+    """Insert-or-overwrite PatientID/PatientName (and the UTF-8 character set).
 
-    Runs ``-nb`` (in-place rewrite), so callers must pass copies, never the only original.
-    The exit code and messages are not trusted; callers verify the result with dump_tags.
+    With backup, dcmodify renames each original to ``<file>.bak`` before writing the new
+    file; without (``-nb``) it rewrites in place, so callers must then pass copies, never
+    the only original. The exit code and messages are not trusted; callers verify the
+    result with dump_tags.
     """
-    args = ["-nb", "-ie", "-nmu", "-i", f"(0010,0020)={patient.id}",
+    args = [*([] if backup else ["-nb"]), "-ie", "-nmu", "-i", f"(0010,0020)={patient.id}",
             "-i", f"(0010,0010)={patient.name}"]
     if utf8:
         args += ["-i", "(0008,0005)=ISO_IR 192"]

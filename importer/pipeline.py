@@ -18,7 +18,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,6 +191,9 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
                 event("INFO", "%s is being processed by another importer; skipped", display(name))
                 report.busy.append(name)
                 continue
+            if not settings.dry_run and (restored := _recover_interrupted_stamp(settings, name)):
+                warn("%s: an interrupted run left %d files half-stamped; originals restored",
+                     display(name), restored)
             files, left = list_files(settings.import_dir / name)
             folder = Folder(name, settings.import_dir / name, patient, files, left)
             for rel, why in left:
@@ -311,35 +314,129 @@ def _stamp(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -> 
     if not to_stamp:
         return
 
+    # Most files are stamped in place by dcmodify's backup mode (the original is renamed to
+    # <file>.bak before the new file is written); files that need a character-set
+    # conversion, or already have a <file>.bak beside them, go through working copies.
+    in_place, via_copy = [], []
+    for source in to_stamp:
+        charset = dumps[source.path].values.get(dcmtk.CHARSET, "")
+        plain = not utf8 or charset in UTF8_CHARSETS
+        (in_place if plain and not os.path.lexists(source.path + ".bak") else via_copy).append(
+            source)
+    if in_place:
+        _stamp_in_place(folder, in_place, settings, utf8)
+    if via_copy:
+        _stamp_copies(folder, via_copy, dumps, settings, utf8)
+
+
+def _stamp_in_place(folder: Folder, files: list[SourceFile], settings: Settings,
+                    utf8: bool) -> None:
+    """dcmodify with backups, verified; a file that fails gets its original back.
+
+    An intent file in STATE_DIR lists the files under way, so that after a crash at any
+    point the next run puts every <file>.bak back before it looks at the folder.
+    """
+    intent = _intent_path(settings, folder.name)
+    _write_intent(intent, [f.path for f in files])
+    try:
+        by_path = {f.path: f for f in files}
+        runs = dcmtk.stamp_identity(list(by_path), folder.patient, utf8=utf8, backup=True)
+        for path, problem in _verify(folder, by_path, runs, utf8).items():
+            backup = path + ".bak"
+            if problem is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(backup)
+                _mark_ready(folder, by_path[path])
+                continue
+            if os.path.lexists(backup):
+                os.replace(backup, path)  # the original, untouched
+            folder.to_quarantine[path] = problem
+    finally:
+        _recover_interrupted_stamp(settings, folder.name)
+
+
+def _stamp_copies(folder: Folder, files: list[SourceFile], dumps: dict[str, dcmtk.Dump],
+                  settings: Settings, utf8: bool) -> None:
+    """Stamp working copies (dcmodify -nb), verify them, then swap each in atomically."""
     work = settings.import_dir / WORK_DIR_NAME / _folder_hash(folder.name)
     shutil.rmtree(work, ignore_errors=True)  # leftovers of a crashed run: copies only
     work.mkdir(parents=True)
     try:
-        copies = _stage_copies(folder, to_stamp, dumps, work, utf8)
-        runs = dcmtk.stamp_identity(list(copies), patient, utf8=utf8)
-        messages = [line for run in runs for line in run.lines if line.startswith("E: ")]
-        checked = dcmtk.dump_tags(list(copies),
-                                  (dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME, dcmtk.CHARSET))
-        for copy, source in copies.items():
-            problem = _identity_problem(checked[copy], patient, utf8)
+        copies = _stage_copies(folder, files, dumps, work, utf8)
+        runs = dcmtk.stamp_identity(list(copies), folder.patient, utf8=utf8, backup=False)
+        for copy, problem in _verify(folder, copies, runs, utf8).items():
+            source = copies[copy]
             if problem:
-                said = [m for m in messages if copy in m]
-                folder.to_quarantine[source.path] = (
-                    f"the identity could not be written ({problem})"
-                    + (f"; dcmodify said: {' | '.join(said)}" if said else ""))
+                folder.to_quarantine[source.path] = problem
                 continue
             try:
                 _replace(copy, source.path)
-                st = os.lstat(source.path)
             except OSError as exc:
                 folder.pending[source.path] = f"cannot replace with stamped copy: {exc.strerror}"
                 continue
-            source.size, source.mtime_ns = st.st_size, st.st_mtime_ns
-            folder.ready.append(source)
+            _mark_ready(folder, source)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         with contextlib.suppress(OSError):  # only when no other importer is using it
             work.parent.rmdir()
+
+
+def _verify(folder: Folder, stamped: Iterable[str], runs: list[dcmtk.ToolRun],
+            utf8: bool) -> dict[str, str | None]:
+    """Read every stamped file back (exit codes and messages cannot be trusted, see
+    DESIGN.md). Returns path -> problem (None: the file carries the identity)."""
+    messages = [line for run in runs for line in run.lines if line.startswith("E: ")]
+    stamped = list(stamped)
+    checked = dcmtk.dump_tags(stamped, (dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME,
+                                               dcmtk.CHARSET))
+    problems: dict[str, str | None] = {}
+    for path in stamped:
+        problem = _identity_problem(checked[path], folder.patient, utf8)
+        if problem:
+            said = [m for m in messages if path in m]
+            problem = (f"the identity could not be written ({problem})"
+                       + (f"; dcmodify said: {' | '.join(said)}" if said else ""))
+        problems[path] = problem
+    return problems
+
+
+def _mark_ready(folder: Folder, source: SourceFile) -> None:
+    try:
+        st = os.lstat(source.path)
+    except OSError as exc:
+        folder.pending[source.path] = f"stamped file vanished: {exc.strerror}"
+        return
+    source.size, source.mtime_ns = st.st_size, st.st_mtime_ns
+    folder.ready.append(source)
+
+
+def _intent_path(settings: Settings, folder_name: str) -> Path:
+    return settings.state_dir / "stamping" / f"{_folder_hash(folder_name)}.paths"
+
+
+def _write_intent(intent: Path, paths: list[str]) -> None:
+    intent.parent.mkdir(parents=True, exist_ok=True)
+    with open(intent, "wb") as fh:
+        fh.write(b"\0".join(os.fsencode(p) for p in paths))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _recover_interrupted_stamp(settings: Settings, folder_name: str) -> int:
+    """Put back every <file>.bak a stamping of this folder left; return how many."""
+    intent = _intent_path(settings, folder_name)
+    try:
+        listed = intent.read_bytes()
+    except FileNotFoundError:
+        return 0
+    restored = 0
+    for raw in filter(None, listed.split(b"\0")):
+        path = os.fsdecode(raw)
+        if os.path.lexists(path + ".bak"):
+            os.replace(path + ".bak", path)
+            restored += 1
+    intent.unlink()
+    return restored
 
 
 def _stage_copies(folder: Folder, to_stamp: list[SourceFile], dumps: dict[str, dcmtk.Dump],

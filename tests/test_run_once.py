@@ -7,6 +7,7 @@ identity, what was archived where, what stayed in the import dir, and the exit c
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import subprocess
@@ -340,3 +341,27 @@ def test_compressed_files_and_uncommon_sop_classes_are_delivered(site: Site,
         assert ds.PatientID == "30" and str(ds.PatientName) == "Compressed^Mix"
         assert ds.file_meta.TransferSyntaxUID == samples[uids[uid]], uids[uid]
     assert len(site.archived()) == len(samples)
+
+
+def test_a_crash_mid_stamp_costs_no_original(site: Site, storescp: StoreSCP) -> None:
+    """The state dcmodify leaves when killed mid-write: original renamed to <file>.bak, the
+    new file half written. The next run restores the original before anything else."""
+    from importer.pipeline import _intent_path, _write_intent
+
+    site.use(storescp)
+    folder = site.import_dir / "#31-Crash^Midway"
+    uid = make_ct(folder / "a.dcm", rows=32)
+    original = (folder / "a.dcm").read_bytes()
+    os.rename(folder / "a.dcm", folder / "a.dcm.bak")
+    (folder / "a.dcm").write_bytes(original[:700])  # the half-written new file
+    settings = load_settings({}, site.env)
+    _write_intent(_intent_path(settings, folder.name), [str(folder / "a.dcm")])
+
+    result = site.run()
+
+    assert result.returncode == 0, result.stderr
+    assert "originals restored" in result.stderr
+    assert by_uid(storescp)[uid].PatientID == "31"
+    assert set(site.archived()) == {"#31-Crash^Midway/a.dcm"} and site.failed() == {}
+    archived = pydicom.dcmread(site.archived()["#31-Crash^Midway/a.dcm"])
+    assert archived.PixelData == pydicom.dcmread(io.BytesIO(original)).PixelData
