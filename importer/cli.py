@@ -183,6 +183,9 @@ def status(verbose: bool, as_json: bool, **flags: Any) -> None:
     click.echo(f"Not matching the folder pattern (left untouched): {len(report['unmatched'])}")
     for name in report["unmatched"]:
         click.echo(f"  {name}")
+    click.echo(f"Held (may hold two patients; sort out by hand): {len(report['held'])}")
+    for item in report["held"]:
+        click.echo(f"  {item['folder']}: {item['reason']}")
     click.echo(f"Quarantined files: {len(report['quarantined'])}")
     for item in report["quarantined"]:
         click.echo(f"  {item['file']}: {item['reason']}")

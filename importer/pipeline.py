@@ -209,6 +209,8 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
         if settings.dry_run:
             _describe(folders, dumps, settings)
             return report
+        for folder in folders:
+            _remember_held(settings, folder)
 
         journal = Journal(settings.state_dir)
         try:
@@ -276,6 +278,17 @@ def _check_patients(folders: list[Folder], dumps: dict[str, dcmtk.Dump],
         elif len(ids) > 1:
             warn("%s: files carry %d different original patient IDs; birth date and sex agree,"
                  " so they are stamped as one patient", display(folder.name), len(ids))
+
+
+def _remember_held(settings: Settings, folder: Folder) -> None:
+    """Held folders are listed by `importer status` until a person sorts them out."""
+    note = settings.state_dir / "held" / f"{_folder_hash(folder.name)}.txt"
+    if folder.held:
+        note.parent.mkdir(parents=True, exist_ok=True)
+        note.write_text(f"{folder.name}\n{folder.held}\n", encoding="utf-8",
+                        errors="surrogateescape")
+    else:
+        note.unlink(missing_ok=True)
 
 
 def _describe(folders: list[Folder], dumps: dict[str, dcmtk.Dump], settings: Settings) -> None:

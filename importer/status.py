@@ -66,6 +66,12 @@ def gather_status(settings: Settings) -> dict[str, Any]:
             "bytes": sum(f.size for f in files), "quiet_for_s": round(now - newest),
             "due_in_s": max(0, round(newest + settings.delay - now)),
         })
+    held = []
+    for note in sorted((settings.state_dir / "held").glob("*.txt")):
+        name, _, reason = note.read_text(encoding="utf-8", errors="surrogateescape").partition(
+            "\n")
+        if (settings.import_dir / name).is_dir():
+            held.append({"folder": display(name), "reason": reason.strip()})
     quarantined = []
     if settings.failed_dir.is_dir():
         for reason in sorted(settings.failed_dir.rglob("*.reason.txt")):
@@ -92,7 +98,8 @@ def gather_status(settings: Settings) -> dict[str, Any]:
             "last_error": entry.get("last_error"),
         })
     return {"import_dir": str(settings.import_dir), "pending": pending,
-            "unmatched": [display(n) for n in unmatched], "quarantined": quarantined,
+            "unmatched": [display(n) for n in unmatched], "held": held,
+            "quarantined": quarantined,
             "destinations": destinations}
 
 

@@ -157,7 +157,14 @@ class Watcher:
     def _touch(self, top: str, at: float | None = None) -> None:
         if self.timers.touch(top, at) and at is None:
             event("Waiter", "Timer has been reset: %s (processing after %d s of quiet)",
-                  display(top), self.settings.delay)
+                  self._label(top), self.settings.delay)
+
+    def _label(self, folder_name: str) -> str:
+        """The folder as logs may show it: with LOG_PATIENT_NAMES=false, without the name."""
+        if self.settings.log_patient_names:
+            return display(folder_name)
+        patient = parse_folder_name(folder_name, self.settings.folder_pattern)
+        return f"#{patient.id}-{logs.MASK}" if patient else display(folder_name)
 
     def _top_level(self, path: str) -> str | None:
         rel = os.path.relpath(path, self.root)
@@ -210,7 +217,7 @@ class Watcher:
             age = max(0.0, now_wall - newest)
             self._touch(name, at=now_mono - age)
             if startup:
-                event("Watcher", "Found %s (newest file %d s old)", display(name), age)
+                event("Watcher", "Found %s (newest file %d s old)", self._label(name), age)
 
     # --- processing -------------------------------------------------------------------------
 
@@ -228,7 +235,8 @@ class Watcher:
         if not names:
             return
         for name in names:
-            event("Waiter", "Quiet for %d s: processing %s", self.settings.delay, display(name))
+            event("Waiter", "Quiet for %d s: processing %s", self.settings.delay,
+                  self._label(name))
         with logs.batch_log(self.settings.log_dir):
             try:
                 report = run_batch(self.settings, quiet_unmatched=self.quiet_unmatched,
@@ -254,7 +262,7 @@ class Watcher:
             elif name in report.busy or (folder is not None and folder.pending):
                 self.retrying.add(name)
                 wait = self.timers.failed(name)
-                event("Waiter", "%s: files remain; retrying in %d s", display(name), wait)
+                event("Waiter", "%s: files remain; retrying in %d s", self._label(name), wait)
             elif folder is not None and folder.held:
                 self.retrying.discard(name)
                 self.seen[name] = fingerprint  # wait for a person to change something

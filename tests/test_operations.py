@@ -104,3 +104,18 @@ def test_retry_puts_quarantined_files_back(site: Site, storescp: StoreSCP) -> No
     assert site.failed() == {} and not list(site.failed_dir.rglob("*.reason.txt"))
     outside = site.run("retry", str(site.import_dir))
     assert outside.returncode == 2 and "not inside FAILED_DIR" in outside.stderr
+
+
+def test_status_lists_held_folders_until_they_are_sorted_out(site: Site,
+                                                            storescp: StoreSCP) -> None:
+    site.use(storescp)
+    folder = site.import_dir / "#23-Two^People"
+    make_ct(folder / "cd1.dcm", rows=16, birth_date="19500101")
+    make_ct(folder / "cd2.dcm", rows=16, birth_date="19800505")
+    assert site.run().returncode == 1
+    (held,) = json.loads(site.run("status", "--json").stdout)["held"]
+    assert held["folder"] == "#23-Two^People" and "birth dates" in held["reason"]
+    assert "Held (may hold two patients" in site.run("status").stdout
+    (folder / "cd2.dcm").unlink()  # a person took the second CD out
+    assert site.run().returncode == 0
+    assert json.loads(site.run("status", "--json").stdout)["held"] == []

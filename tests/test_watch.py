@@ -176,3 +176,17 @@ def test_watch_limit_is_a_warning_not_a_crash(site: Site,
     watcher.rescan()
     assert watcher.watch_limit_hit
     assert list(watcher.timers.pending()) == ["#8-Many^Dirs"], "rescans still find it"
+
+
+def test_watch_keeps_patient_names_out_of_its_logs(site: Site, storescp: StoreSCP) -> None:
+    site.use(storescp)
+    site.env["LOG_PATIENT_NAMES"] = "false"
+    make_patient_folder(site.import_dir, "#9-홍길동", 2, rows=16)
+    watcher = Watching(site)
+    wait_for(lambda: patient_ids(storescp).count("9") == 2, 15)
+    wait_for(lambda: site.remaining() == [], 10)
+    watcher.stop()
+    assert "Quiet for 2 s: processing #9-***" in watcher.output
+    assert "홍길동" not in watcher.output
+    assert "홍길동" not in (site.log_dir / "log.log").read_text(encoding="utf-8")
+    assert {str(ds.PatientName) for ds in storescp.received_datasets()} == {"홍길동"}
