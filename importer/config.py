@@ -34,6 +34,13 @@ class Destination:
     connect_timeout: int = 10
     acse_timeout: int = 30
     dimse_timeout: int = 120
+    tls_key: Path | None = None  # our private key (PEM, unencrypted) ...
+    tls_cert: Path | None = None  # ... and certificate, when the PACS wants client certs
+    tls_ca: Path | None = None  # CA certificate(s) the PACS's certificate must chain to
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_ca or self.tls_cert)
 
     @property
     def label(self) -> str:
@@ -85,6 +92,9 @@ _LEGACY_DESTINATIONS: dict[str, dict[str, str]] = {
     "primary": {"host": "PACS_SERVER_IP", "port": "PACS_SERVER_PORT", "aet": "PACS_AET"},
     "backup": {"host": "BACKUP_PACS_IP", "port": "BACKUP_PACS_PORT", "aet": "BACKUP_PACS_AET"},
 }
+# Optional per-destination settings from the environment: <PREFIX>_TLS_KEY and so on.
+_DESTINATION_ENV_PREFIX = {"primary": "PACS", "backup": "BACKUP_PACS"}
+_OPTIONAL_ENV_FIELDS = ("tls_key", "tls_cert", "tls_ca")
 _LEGACY_DEFAULTS = {"host": "127.0.0.1", "port": 11112, "aet": "DCM4CHEE"}
 
 
@@ -167,6 +177,11 @@ def _destinations(
         if not given and (name != "primary" or by_name):
             continue
         entry = by_name.setdefault(name, {})
+        for f in _OPTIONAL_ENV_FIELDS:
+            var = f"{_DESTINATION_ENV_PREFIX[name]}_{f.upper()}"
+            if env.get(var, "") != "":
+                entry[f] = env[var]
+                sources.setdefault(name, {})[f] = var
         for f, var in variables.items():
             if f in given:
                 entry[f] = given[f]
@@ -196,8 +211,18 @@ def _destinations(
                                      common["connect_timeout"]),
                 acse_timeout=pick("acse_timeout", _int_range(1, 3600), common["acse_timeout"]),
                 dimse_timeout=pick("dimse_timeout", _int_range(1, 86400), common["dimse_timeout"]),
+                tls_key=pick("tls_key", _readable_file, None),
+                tls_cert=pick("tls_cert", _readable_file, None),
+                tls_ca=pick("tls_ca", _readable_file, None),
             )
         )
+        last = result[-1]
+        if bool(last.tls_key) != bool(last.tls_cert):
+            raise ConfigError(f"destination '{name}': tls_key and tls_cert go together"
+                              " (a client certificate needs its key)")
+        if last.tls_cert and not last.tls_ca:
+            raise ConfigError(f"destination '{name}': TLS needs tls_ca, the CA certificate"
+                              " the PACS's certificate is checked against")
     if not any(d.required for d in result):
         raise ConfigError("destinations: at least one destination must be required")
     return tuple(result)
@@ -227,6 +252,15 @@ def _path(value: Any, source: str) -> Path:
     if not isinstance(value, str | Path) or not str(value).strip():
         raise ConfigError(f"{source}: must be a directory path")
     return Path(value).expanduser()
+
+
+def _readable_file(value: Any, source: str) -> Path | None:
+    if value is None or str(value).strip() == "":
+        return None
+    path = Path(str(value)).expanduser()
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise ConfigError(f"{source}: {path} is not a readable file")
+    return path
 
 
 def _host(value: Any, source: str) -> str:

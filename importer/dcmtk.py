@@ -428,11 +428,19 @@ class _StoreParser:
 
 
 def _association_args(destination: Destination) -> list[str]:
-    return [
+    args = [
         "-aet", destination.calling_aet, "-aec", destination.called_aet,
         "-to", str(destination.connect_timeout), "-ta", str(destination.acse_timeout),
         "-td", str(destination.dimse_timeout),
     ]
+    if destination.tls_key and destination.tls_cert:
+        # -pw: an unencrypted key; DCMTK would otherwise prompt on stdin.
+        args += ["+tls", str(destination.tls_key), str(destination.tls_cert), "-pw"]
+    elif destination.tls_ca:
+        args += ["+tla"]  # TLS without a client certificate
+    if destination.tls_ca:
+        args += ["+cf", str(destination.tls_ca)]  # verify the PACS against this CA
+    return args
 
 
 def echo(destination: Destination) -> ToolRun:
