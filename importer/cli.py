@@ -243,3 +243,18 @@ def retry(verbose: bool, paths: tuple[str, ...], **flags: Any) -> None:
         for target in restored:
             logs.event("INFO", "Back for import: %s", target)
     click.echo(f"{total} files put back into {settings.import_dir}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True))
+@_user_errors
+def receipt(path: str) -> None:
+    """Show the receipt of an archived folder (PATH: the folder or its .receipt.json)."""
+    from pathlib import Path
+
+    from importer.receipt import receipt_path, render
+
+    target = Path(path)
+    if target.is_dir() and not receipt_path(target).exists():
+        raise ConfigError(f"no receipt beside {target} (expected {receipt_path(target).name})")
+    click.echo(render(target))

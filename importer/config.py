@@ -37,6 +37,7 @@ class Destination:
     tls_key: Path | None = None  # our private key (PEM, unencrypted) ...
     tls_cert: Path | None = None  # ... and certificate, when the PACS wants client certs
     tls_ca: Path | None = None  # CA certificate(s) the PACS's certificate must chain to
+    verify: str = "auto"  # ask the PACS back by C-FIND: auto (where it answers), c-find, none
 
     @property
     def tls(self) -> bool:
@@ -60,6 +61,8 @@ class Settings:
     delay: int = 180
     mixed_patients: str = "hold"
     max_attempts: int = 3  # refusals by a PACS before a file is quarantined
+    verify_attempts: int = 3  # C-FIND queries before "acknowledged but not found"
+    verify_delay: int = 2  # seconds between them (some PACS index asynchronously)
     log_retention_days: int = 30  # 0 keeps logs forever
     archive_retention_days: int = 90  # 0 keeps archives forever
     log_patient_names: bool = True
@@ -82,6 +85,8 @@ _SCALARS: dict[str, tuple[str, Any]] = {
     "dimse_timeout": ("DIMSE_TIMEOUT", 120),
     "mixed_patients": ("MIXED_PATIENTS", "hold"),
     "max_attempts": ("MAX_ATTEMPTS", 3),
+    "verify_attempts": ("VERIFY_ATTEMPTS", 3),
+    "verify_delay": ("VERIFY_DELAY", 2),
     "log_retention_days": ("LOG_RETENTION_DAYS", 30),
     "archive_retention_days": ("ARCHIVE_RETENTION_DAYS", 90),
     "log_patient_names": ("LOG_PATIENT_NAMES", True),
@@ -94,7 +99,7 @@ _LEGACY_DESTINATIONS: dict[str, dict[str, str]] = {
 }
 # Optional per-destination settings from the environment: <PREFIX>_TLS_KEY and so on.
 _DESTINATION_ENV_PREFIX = {"primary": "PACS", "backup": "BACKUP_PACS"}
-_OPTIONAL_ENV_FIELDS = ("tls_key", "tls_cert", "tls_ca")
+_OPTIONAL_ENV_FIELDS = ("tls_key", "tls_cert", "tls_ca", "verify")
 _LEGACY_DEFAULTS = {"host": "127.0.0.1", "port": 11112, "aet": "DCM4CHEE"}
 
 
@@ -144,6 +149,8 @@ def load_settings(
         delay=get("delay", _int_range(0, 7 * 86400)),
         mixed_patients=get("mixed_patients", _choice("hold", "warn", "allow")),
         max_attempts=get("max_attempts", _int_range(1, 100)),
+        verify_attempts=get("verify_attempts", _int_range(1, 20)),
+        verify_delay=get("verify_delay", _int_range(0, 600)),
         log_retention_days=get("log_retention_days", _int_range(0, 36500)),
         archive_retention_days=get("archive_retention_days", _int_range(0, 36500)),
         log_patient_names=get("log_patient_names", _bool),
@@ -214,6 +221,7 @@ def _destinations(
                 tls_key=pick("tls_key", _readable_file, None),
                 tls_cert=pick("tls_cert", _readable_file, None),
                 tls_ca=pick("tls_ca", _readable_file, None),
+                verify=pick("verify", _choice("auto", "c-find", "none"), "auto"),
             )
         )
         last = result[-1]

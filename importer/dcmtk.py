@@ -83,8 +83,9 @@ def request_stop() -> None:
                 command.terminate()
 
 
-def stopping() -> bool:
-    return _stopping.is_set()
+def stop_requested(wait: float) -> bool:
+    """Sleep up to wait seconds; True at once if the importer is shutting down."""
+    return _stopping.wait(wait)
 
 
 def run(
@@ -449,10 +450,57 @@ def echo(destination: Destination) -> ToolRun:
                            destination.host, str(destination.port)], network=True)
 
 
+@dataclass
+class FindResult:
+    """What a PACS lists for one study: SOP Instance UID -> PatientID it is filed under."""
+
+    instances: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    unsupported: bool = False  # the PACS accepts no C-FIND from us (e.g. storescp)
+
+
+def find_instances(destination: Destination, study_uid: str) -> FindResult:
+    """One C-FIND (Study Root, IMAGE level) listing every instance of a study."""
+    args = ["-v", "-S", *_association_args(destination),
+            "-k", "QueryRetrieveLevel=IMAGE", "-k", f"StudyInstanceUID={study_uid}",
+            "-k", "SOPInstanceUID", "-k", "PatientID",
+            destination.host, str(destination.port)]
+    parser = _FindParser()
+    tool_run = run("findscu", args, on_line=parser, network=True)
+    parser.close()
+    result = FindResult(parser.instances)
+    problems = [line[3:] for line in tool_run.lines if line.startswith(("E: ", "F: "))]
+    if tool_run.exit_code != 0 or problems:
+        result.error = "; ".join(problems) or f"findscu exit code {tool_run.exit_code}"
+        result.unsupported = any("No Acceptable Presentation Contexts" in p for p in problems)
+    return result
+
+
+class _FindParser:
+    """Collects (SOPInstanceUID, PatientID) from each `Find Response: n (Pending)` block."""
+
+    def __init__(self) -> None:
+        self.instances: dict[str, str] = {}
+        self.block: dict[str, str] | None = None
+
+    def __call__(self, line: str) -> None:
+        text = line[3:] if line.startswith("I: ") else line
+        if text.startswith("Find Response:") or text.startswith("Received Final Find"):
+            self.close()
+            self.block = {} if "(Pending)" in text else None
+        elif self.block is not None and (element := _ELEMENT.match(text)):
+            self.block.setdefault(element["tag"], _clean(element["value"] or ""))
+
+    def close(self) -> None:
+        if self.block and self.block.get(SOP_INSTANCE_UID):
+            self.instances[self.block[SOP_INSTANCE_UID]] = self.block.get(PATIENT_ID, "")
+        self.block = None
+
+
 def versions() -> dict[str, str]:
     """Installed DCMTK tool versions (for `importer check` and logs)."""
     found = {}
-    for tool in ("dcmftest", "dcmdump", "dcmodify", "dcmconv", "storescu", "echoscu"):
+    for tool in ("dcmftest", "dcmdump", "dcmodify", "dcmconv", "storescu", "echoscu", "findscu"):
         try:
             first = run(tool, ["--version"]).lines
         except DcmtkMissing as exc:

@@ -27,6 +27,8 @@ CREATE TABLE IF NOT EXISTS delivery (
     last_status  TEXT,
     last_error   TEXT,
     updated_at   REAL    NOT NULL,
+    verified_at  REAL,              -- the PACS listed it (C-FIND) under the folder's ID
+    not_found    INTEGER NOT NULL DEFAULT 0,  -- acknowledged, then not listed by C-FIND
     PRIMARY KEY (path, destination)
 );
 CREATE TABLE IF NOT EXISTS destination (
@@ -51,6 +53,10 @@ class Delivery:
     attempts: int = 0
     refusals: int = 0
     last_error: str | None = None
+    delivered_at: float | None = None
+    last_status: str | None = None
+    verified: bool = False
+    not_found: int = 0
 
 
 class Journal:
@@ -72,8 +78,8 @@ class Journal:
             rows = {
                 os.fsdecode(row[0]): row[1:]
                 for row in self.db.execute(
-                    "SELECT path, size, mtime_ns, delivered_at, attempts, refusals, last_error"
-                    " FROM delivery WHERE destination = ?",
+                    "SELECT path, size, mtime_ns, delivered_at, attempts, refusals, last_error,"
+                    " last_status, verified_at, not_found FROM delivery WHERE destination = ?",
                     (destination,),
                 )
             }
@@ -81,7 +87,8 @@ class Journal:
         for key in keys:
             row = rows.get(key.path)
             if row and row[0] == key.size and row[1] == key.mtime_ns:
-                known[key] = Delivery(row[2] is not None, row[3], row[4], row[5])
+                known[key] = Delivery(row[2] is not None, row[3], row[4], row[5], row[2],
+                                      row[6], row[7] is not None, row[8])
             else:
                 known[key] = Delivery()
         return known
@@ -110,6 +117,10 @@ class Journal:
                     "    THEN attempts + 1 ELSE 1 END,"
                     "  refusals = CASE WHEN size = excluded.size AND mtime_ns = excluded.mtime_ns"
                     "    THEN refusals + excluded.refusals ELSE excluded.refusals END,"
+                    "  verified_at = CASE WHEN size = excluded.size"
+                    "    AND mtime_ns = excluded.mtime_ns THEN verified_at END,"
+                    "  not_found = CASE WHEN size = excluded.size"
+                    "    AND mtime_ns = excluded.mtime_ns THEN not_found ELSE 0 END,"
                     "  size = excluded.size, mtime_ns = excluded.mtime_ns,"
                     "  last_status = excluded.last_status, last_error = excluded.last_error,"
                     "  updated_at = excluded.updated_at",
@@ -129,6 +140,22 @@ class Journal:
             if last_failure is not None:
                 self.db.execute("UPDATE destination SET last_failure_at = ?, last_error = ?"
                                 " WHERE name = ?", (now, last_failure, destination))
+
+    def mark_verified(self, destination: str, keys: Iterable[FileKey]) -> None:
+        with self.lock, self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany(
+                "UPDATE delivery SET verified_at = ? WHERE path = ? AND destination = ?",
+                ((time.time(), os.fsencode(k.path), destination) for k in keys))
+
+    def mark_not_found(self, destination: str, keys: Iterable[FileKey], reason: str) -> None:
+        """Acknowledged but not listed: no longer counts as delivered (it is sent again)."""
+        with self.lock, self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany(
+                "UPDATE delivery SET delivered_at = NULL, verified_at = NULL,"
+                " not_found = not_found + 1, last_error = ? WHERE path = ? AND destination = ?",
+                ((reason, os.fsencode(k.path), destination) for k in keys))
 
     def forget(self, paths: Iterable[str]) -> None:
         """Drop rows of files that left the import dir (archived or quarantined)."""

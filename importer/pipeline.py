@@ -29,6 +29,8 @@ from importer.config import Destination, Settings
 from importer.folders import Patient, display, parse_folder_name
 from importer.journal import FileKey, Journal
 from importer.logs import error, event, warn
+from importer.receipt import write_receipt
+from importer.verify import Verifier
 
 WORK_DIR_NAME = ".importer-work"
 MIN_FILES_PER_ASSOCIATION = 16
@@ -54,6 +56,8 @@ class SourceFile:
     size: int
     mtime_ns: int
     transfer_syntax: str = ""  # from the first full read; stamping keeps it
+    sop_uid: str = ""  # for C-FIND verification and the receipt
+    study_uid: str = ""
 
     @property
     def key(self) -> FileKey:
@@ -224,7 +228,7 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
                         break  # shutting down: archive what was delivered, leave the rest
                     sender.submit(folder)
             for folder in folders:
-                _finish(folder, settings, journal, batch_stamp)
+                _finish(folder, settings, journal, sender.verifier, batch_stamp)
         finally:
             journal.close()
     return report
@@ -252,6 +256,8 @@ def _validate(folders: list[Folder]) -> dict[str, dcmtk.Dump]:
                 folder.unsent.append(source)  # a CD's index, not an image: never sent
             else:
                 source.transfer_syntax = dump.values.get(dcmtk.TRANSFER_SYNTAX, "")
+                source.sop_uid = dump.values.get(dcmtk.SOP_INSTANCE_UID, "")
+                source.study_uid = dump.values.get(dcmtk.STUDY_INSTANCE_UID, "")
                 candidates.append(source)
         folder.files = candidates
     return dumps
@@ -556,8 +562,11 @@ class Sender:
     def __init__(self, settings: Settings, journal: Journal) -> None:
         self.settings = settings
         self.journal = journal
+        self.verifier = Verifier(settings, journal)
         workers = sum(d.associations for d in settings.destinations)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="storescu")
+        self.verify_pool = ThreadPoolExecutor(max_workers=len(settings.destinations),
+                                              thread_name_prefix="findscu")
         self.futures: list[Future[None]] = []
 
     def __enter__(self) -> Sender:
@@ -568,6 +577,7 @@ class Sender:
             if failure := future.exception():  # the files stay and are retried
                 error("sending stopped: %s", failure, exc_info=failure)
         self.pool.shutdown(wait=True)
+        self.verify_pool.shutdown(wait=True)
 
     def submit(self, folder: Folder) -> None:
         if not folder.ready:
@@ -575,15 +585,35 @@ class Sender:
         for destination in self.settings.destinations:
             known = self.journal.lookup([f.key for f in folder.ready], destination.name)
             todo = [f for f in folder.ready if not known[f.key].delivered]
-            if not todo:
-                continue
-            groups = _split(todo, destination)
-            event("PHASE 2", "%s: sending %d files to %s over %d association%s",
-                  display(folder.name), len(todo), destination.label, len(groups),
-                  "" if len(groups) == 1 else "s")
-            for transfer_syntax, group in groups:
+            retries = [f for f in todo if known[f.key].attempts]
+            if retries and self.verifier.applies(destination):
+                there = self.verifier.already_there(destination, folder.patient.id, retries)
+                todo = [f for f in todo if f.path not in there]
+            sends = []
+            if todo:
+                groups = _split(todo, destination)
+                event("PHASE 2", "%s: sending %d files to %s over %d association%s",
+                      display(folder.name), len(todo), destination.label, len(groups),
+                      "" if len(groups) == 1 else "s")
+                sends = [self.pool.submit(self._send, destination, transfer_syntax, group)
+                         for transfer_syntax, group in groups]
+                self.futures += sends
+            if self.verifier.applies(destination):
                 self.futures.append(
-                    self.pool.submit(self._send, destination, transfer_syntax, group))
+                    self.verify_pool.submit(self._verify, destination, folder, sends))
+
+    def _verify(self, destination: Destination, folder: Folder,
+                sends: list[Future[None]]) -> None:
+        """Once this folder's sends to destination are done, ask the PACS what it holds."""
+        for send in sends:
+            send.exception()  # wait; failures are recorded per file
+        if not self.verifier.applies(destination):
+            return
+        known = self.journal.lookup([f.key for f in folder.ready], destination.name)
+        check = [f for f in folder.ready if known[f.key].delivered and not known[f.key].verified]
+        if check:
+            wrong = self.verifier.verify(destination, folder.patient.id, check)
+            folder.to_quarantine.update(wrong)
 
     def _send(self, destination: Destination, transfer_syntax: str,
               files: list[SourceFile]) -> None:
@@ -620,8 +650,10 @@ def _split(files: list[SourceFile],
 # --- [PHASE 3] archive, quarantine, report -------------------------------------------------------
 
 
-def _finish(folder: Folder, settings: Settings, journal: Journal, batch_stamp: str) -> None:
-    """Archive what every required PACS has; quarantine what cannot be sent; report."""
+def _finish(folder: Folder, settings: Settings, journal: Journal, verifier: Verifier,
+            batch_stamp: str) -> None:
+    """Archive what every required PACS has (and, where it answers C-FIND, lists under
+    the folder's ID); quarantine what cannot be sent; leave the rest; report."""
     if folder.held:
         event("INFO", "%s: held — %s", display(folder.name), folder.held)
         return
@@ -631,20 +663,27 @@ def _finish(folder: Folder, settings: Settings, journal: Journal, batch_stamp: s
                   for d in settings.destinations}
     to_archive: list[SourceFile] = []
     for source in folder.ready:
-        missing = [d for d in required if not deliveries[d.name][source.key].delivered]
-        if not missing:
+        if source.path in folder.to_quarantine:
+            continue  # e.g. filed under another patient: never archived silently
+        state = {d.name: deliveries[d.name][source.key] for d in settings.destinations}
+        missing = [d for d in required if not state[d.name].delivered]
+        unverified = [d for d in required if state[d.name].delivered
+                      and not state[d.name].verified and verifier.applies(d)]
+        if not missing and not unverified:
             to_archive.append(source)
             continue
-        refused = [d for d in missing if deliveries[d.name][source.key].refusals
-                   >= settings.max_attempts]
-        if refused:
+        lost = [d for d in missing if state[d.name].not_found >= settings.max_attempts]
+        refused = [d for d in missing if state[d.name].refusals >= settings.max_attempts]
+        if lost or refused:
             folder.to_quarantine[source.path] = "; ".join(
-                f"refused by {d.label} {deliveries[d.name][source.key].refusals} times:"
-                f" {deliveries[d.name][source.key].last_error}" for d in refused)
+                [f"refused by {d.label} {state[d.name].refusals} times:"
+                 f" {state[d.name].last_error}" for d in refused]
+                + [f"acknowledged by {d.label} but not found by C-FIND"
+                   f" {state[d.name].not_found} times" for d in lost])
         else:
             folder.pending[source.path] = "; ".join(
-                f"not yet at {d.label}: {deliveries[d.name][source.key].last_error}"
-                for d in missing)
+                [f"not yet at {d.label}: {state[d.name].last_error}" for d in missing]
+                + [f"not yet verified at {d.label}" for d in unverified])
     for d in settings.destinations:
         if not d.required:
             lacking = sum(not deliveries[d.name][f.key].delivered for f in folder.ready)
@@ -673,6 +712,10 @@ def _finish(folder: Folder, settings: Settings, journal: Journal, batch_stamp: s
             continue
         archived.append(source.path)
     folder.archived = len(archived)
+    if archived:
+        done = set(archived)
+        write_receipt(target_root, folder, [f for f in to_archive if f.path in done],
+                      deliveries, settings, verifier)
 
     failed_root = settings.failed_dir / batch_stamp / folder.name
     by_path = {f.path: f for f in folder.files + folder.unsent}

@@ -14,7 +14,7 @@ from importer.folders import display
 from importer.journal import Journal
 from importer.pipeline import list_files, scan_import_dir
 
-TOOLS = ("dcmftest", "dcmdump", "dcmodify", "dcmconv", "storescu", "echoscu")
+TOOLS = ("dcmftest", "dcmdump", "dcmodify", "dcmconv", "storescu", "echoscu", "findscu")
 
 
 @dataclass(frozen=True)

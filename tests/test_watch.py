@@ -120,7 +120,8 @@ def test_nested_directories_created_after_start_are_seen(
     (deep / "d").mkdir()
     make_ct(deep / "d" / "y.dcm", rows=16)
     wait_for(lambda: patient_ids(storescp).count("5") == 2, 15)
-    assert set(site.archived()) >= {"#5-Deep^Tree/a/b/c/x.dcm", "#5-Deep^Tree/a/b/c/d/y.dcm"}
+    wait_for(lambda: set(site.archived()) >= {"#5-Deep^Tree/a/b/c/x.dcm",
+                                              "#5-Deep^Tree/a/b/c/d/y.dcm"}, 10)
 
 
 def test_idle_watch_uses_no_cpu(watching: Watching, storescp: StoreSCP) -> None:

@@ -1,0 +1,112 @@
+"""A receipt beside each archived folder: what was sent where, and what the PACS said.
+
+`ARCHIVE_DIR/<ts>/<folder>.receipt.json` lists per file its relative path, size, SOP and
+Study Instance UIDs, and per destination the C-STORE status, when, and whether the PACS
+listed it by C-FIND under the folder's PatientID. It proves what the PACSs answered at
+that time; it does not prove what they still hold today, nor that the images are right.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from importer.config import Destination, Settings
+from importer.journal import Delivery, FileKey
+from importer.logs import MASK
+
+if TYPE_CHECKING:
+    from importer.pipeline import Folder, SourceFile
+    from importer.verify import Verifier
+
+
+def receipt_path(target_root: Path) -> Path:
+    return target_root.with_name(target_root.name + ".receipt.json")
+
+
+def write_receipt(target_root: Path, folder: Folder, archived: list[SourceFile],
+                  deliveries: dict[str, dict[FileKey, Delivery]], settings: Settings,
+                  verifier: Verifier) -> Path:
+    path = receipt_path(target_root)
+    receipt: dict[str, Any] = {
+        "folder": folder.name,
+        "patient": {"id": folder.patient.id,
+                    "name": folder.patient.name if settings.log_patient_names else MASK},
+        "archive": str(target_root),
+        "destinations": [
+            {"name": d.name, "destination": d.label, "required": d.required,
+             "verification": _verification(d, verifier)}
+            for d in settings.destinations],
+        "files": [],
+    }
+    if path.exists():  # a second run archived more of this folder into the same batch
+        receipt["files"] = json.loads(path.read_text(encoding="utf-8")).get("files", [])
+    unsent = {f.path for f in folder.unsent}
+    for source in archived:
+        entry: dict[str, Any] = {"path": source.rel, "size": source.size}
+        if source.path in unsent:
+            entry["sent"] = False
+            entry["why"] = "not DICOM (or a DICOMDIR): archived with its folder, never sent"
+        else:
+            entry |= {"sent": True, "sop_instance_uid": source.sop_uid,
+                      "study_instance_uid": source.study_uid, "destinations": {}}
+            for d in settings.destinations:
+                state = deliveries[d.name][source.key]
+                entry["destinations"][d.name] = {
+                    "c_store_status": state.last_status,
+                    "time": _iso(state.delivered_at),
+                    "verified_by_c_find": state.verified,
+                }
+        receipt["files"].append(entry)
+    receipt["written_at"] = _iso(time.time())
+    text = json.dumps(receipt, ensure_ascii=False, indent=2)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text + "\n", encoding="utf-8", errors="surrogateescape")
+    os.replace(partial, path)
+    return path
+
+
+def _verification(destination: Destination, verifier: Verifier) -> str:
+    if destination.verify == "none":
+        return "off (C-STORE answers only)"
+    if destination.name in verifier.unsupported:
+        return "not answered by this PACS (C-STORE answers only)"
+    return "c-find"
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(timestamp))
+
+
+def render(path: Path) -> str:
+    """A receipt as a readable table (for `importer receipt`)."""
+    if path.is_dir():
+        path = receipt_path(path)
+    receipt = json.loads(path.read_text(encoding="utf-8"))
+    lines = [f"Receipt {path}",
+             f"Folder {receipt['folder']}: PatientID {receipt['patient']['id']},"
+             f" PatientName {receipt['patient']['name']}"]
+    names = [d["name"] for d in receipt["destinations"]]
+    for d in receipt["destinations"]:
+        lines.append(f"  {d['name']}: {d['destination']}"
+                     f"{'' if d['required'] else ' (optional)'}, verification {d['verification']}")
+    width = max([len(f["path"]) for f in receipt["files"]] + [4])
+    lines.append(f"{'file':<{width}}  {'bytes':>10}  " + "  ".join(f"{n:<22}" for n in names))
+    for f in receipt["files"]:
+        if not f.get("sent"):
+            lines.append(f"{f['path']:<{width}}  {f['size']:>10}  not sent: {f.get('why', '')}")
+            continue
+        cells = []
+        for n in names:
+            d = f["destinations"].get(n, {})
+            mark = " +C-FIND" if d.get("verified_by_c_find") else ""
+            cells.append(f"{(d.get('c_store_status') or '-') + mark:<22}")
+        lines.append(f"{f['path']:<{width}}  {f['size']:>10}  " + "  ".join(cells))
+    sent = sum(1 for f in receipt["files"] if f.get("sent"))
+    lines.append(f"{sent} files sent, {len(receipt['files']) - sent} archived unsent")
+    return "\n".join(lines)
