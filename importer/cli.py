@@ -211,13 +211,18 @@ def prune(verbose: bool, confirmed: bool, **flags: Any) -> None:
     from importer.retention import prune as prune_expired
 
     items = prune_expired(settings, dry_run=not confirmed)
-    for item in items:
-        click.echo(f"{'deleted' if confirmed else 'would delete'} {item.kind}"
-                   f" {item.path} ({item.age_days:.0f} days old)")
+    for item, problem in items:
+        if problem:
+            click.echo(f"could not delete all of {item.kind} {item.path}: {problem}", err=True)
+        else:
+            click.echo(f"{'deleted' if confirmed else 'would delete'} {item.kind}"
+                       f" {item.path} ({item.age_days:.0f} days old)")
     if not items:
         click.echo("nothing older than the retention periods")
     elif not confirmed:
         click.echo("dry run: add --yes to delete")
+    if any(problem for _item, problem in items):
+        sys.exit(1)
 
 
 @main.command()

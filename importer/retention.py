@@ -52,16 +52,34 @@ def expired(settings: Settings, now: datetime | None = None) -> list[Expired]:
     return found
 
 
-def prune(settings: Settings, *, dry_run: bool, now: datetime | None = None) -> list[Expired]:
-    """Remove what has expired (or only list it); return what was (or would be) removed."""
-    items = expired(settings, now)
-    if not dry_run:
-        for item in items:
-            if item.path.is_dir():
-                shutil.rmtree(item.path)
-            else:
-                item.path.unlink(missing_ok=True)
-    return items
+def prune(settings: Settings, *, dry_run: bool,
+          now: datetime | None = None) -> list[tuple[Expired, str | None]]:
+    """Remove what has expired (or only list it). Returns each item with the error that
+    kept (part of) it, if any: one unremovable file (say, root-owned archives of the old
+    scripts) must not stop the rest."""
+    results: list[tuple[Expired, str | None]] = []
+    for item in expired(settings, now):
+        problems = [] if dry_run else _remove(item.path)
+        results.append((item, "; ".join(problems[:3]) + (" …" if len(problems) > 3 else "")
+                        if problems else None))
+    return results
+
+
+def _remove(path: Path) -> list[str]:
+    """Delete a file or tree, going on past what cannot be deleted; return the errors."""
+    problems: list[str] = []
+
+    def note(_function: object, failed: str, exc_info: tuple) -> None:
+        problems.append(f"{failed}: {getattr(exc_info[1], 'strerror', exc_info[1])}")
+
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, onerror=note)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as exc:
+        problems.append(f"{path}: {exc.strerror}")
+    return problems
 
 
 def seconds_until_daily(last: float | None, now: float | None = None) -> float:

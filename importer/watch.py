@@ -103,8 +103,11 @@ class Watcher:
         except OSError as exc:
             warn("Pruning old logs and archives failed: %s", exc)
             return
-        for item in removed:
-            event("INFO", "Pruned %s %s (%d days old)", item.kind, item.path, item.age_days)
+        for item, problem in removed:
+            if problem:
+                warn("Could not prune all of %s %s: %s", item.kind, item.path, problem)
+            else:
+                event("INFO", "Pruned %s %s (%d days old)", item.kind, item.path, item.age_days)
 
     def _beat(self) -> None:
         try:

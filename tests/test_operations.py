@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -119,3 +120,23 @@ def test_status_lists_held_folders_until_they_are_sorted_out(site: Site,
     (folder / "cd2.dcm").unlink()  # a person took the second CD out
     assert site.run().returncode == 0
     assert json.loads(site.run("status", "--json").stdout)["held"] == []
+
+
+def test_prune_goes_on_past_what_it_cannot_delete(site: Site) -> None:
+    """The old scripts ran as root: their archives may not be ours to delete."""
+    old = datetime.now() - timedelta(days=200)
+    stuck_batch = site.archive_dir / old.strftime("%Y%m%d_%H%M%S") / "#1-A"
+    other_batch = site.archive_dir / (old + timedelta(seconds=1)).strftime("%Y%m%d_%H%M%S")
+    stuck_batch.mkdir(parents=True)
+    other_batch.mkdir(parents=True)
+    stuck = stuck_batch / "a.dcm"
+    stuck.write_bytes(b"x")
+    subprocess.run(["chattr", "+i", str(stuck)], check=True)  # undeletable, even by root
+    try:
+        result = site.run("prune", "--yes")
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)
+    assert result.returncode == 1
+    assert "could not delete all of archive" in result.stderr and "a.dcm" in result.stderr
+    assert not other_batch.exists(), "the next batch was still pruned"
+    assert stuck.exists()
