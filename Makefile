@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_DELAY ?= 5
 
-.PHONY: test run bench lint system-deps venv clean
+.PHONY: test run bench lint system-deps venv clean docker-image docker-test
 
 ## Debian packages: DCMTK (the DICOM tools), Orthanc (demo PACS and test receiver), venv.
 system-deps:
@@ -44,6 +44,14 @@ run: system-deps venv
 ## Benchmark: legacy scripts vs raw-tools floor vs importer, same corpus, same receiver.
 bench: system-deps venv
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+## The container image (needs a Docker engine; see docker/Dockerfile for offline builds).
+docker-image:
+	docker build -f docker/Dockerfile -t dicom-importer .
+
+## Only the image smoke tests (they start their own dockerd; part of `make test` too).
+docker-test: system-deps venv
+	$(BIN)/python -m pytest -q tests/test_docker.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache *.egg-info
