@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -49,7 +48,14 @@ def _settings(flags: dict[str, Any], *, dry_run: bool = False) -> Settings:
     config_file = flags.pop("config_file", None)
     flags.pop("verbose", None)
     flags["dry_run"] = dry_run
-    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+    from importer.dcmtk import DcmtkMissing, tool_path
+
+    missing = []
+    for tool in REQUIRED_TOOLS:
+        try:
+            tool_path(tool)
+        except DcmtkMissing:
+            missing.append(tool)
     if missing:
         raise ConfigError(f"{', '.join(missing)} not found — install dcmtk (apt-get install dcmtk)")
     return load_settings(flags, config_file=config_file)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import functools
 import logging
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -88,30 +90,47 @@ def stop_requested(wait: float) -> bool:
     return _stopping.wait(wait)
 
 
+@functools.cache
+def tool_path(tool: str) -> str:
+    """Where a DCMTK tool is: the first on PATH, never in this program's own Python
+    environment (pynetdicom, a test dependency, installs scripts named storescu, findscu…
+    there, which an activated virtualenv would otherwise put first)."""
+    own_bin = os.path.dirname(os.path.abspath(sys.executable))
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        if not directory or os.path.abspath(directory) == own_bin:
+            continue
+        candidate = os.path.join(directory, tool)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise DcmtkMissing(f"{tool} not found — install dcmtk (apt-get install dcmtk)")
+
+
 def run(
     tool: str,
     args: Sequence[str],
     *,
-    on_line: Callable[[str], None] | None = None,
+    on_line: Callable[[str], bool | None] | None = None,
     network: bool = False,
 ) -> ToolRun:
-    """Run one DCMTK tool to completion, streaming its merged stdout/stderr."""
+    """Run one DCMTK tool to completion, streaming its merged stdout/stderr to on_line;
+    on_line returning True ends the tool early (e.g. storescu after a DIMSE timeout)."""
     if _stopping.is_set():
         raise Stopped(f"not starting {tool}: shutting down")
-    try:
-        command = sh.Command(tool)
-    except sh.CommandNotFound:
-        raise DcmtkMissing(f"{tool} not found — install dcmtk (apt-get install dcmtk)") from None
+    command = sh.Command(tool_path(tool))
     env = dict(os.environ)
     if network:
         env["TCP_NODELAY"] = "1"  # avoids a ~44 ms Nagle/delayed-ACK stall per file
     lines: list[str] = []
+    holder: list[sh.RunningCommand] = []
+    give_up = threading.Event()
 
     def collect(line: str) -> None:
         line = line.rstrip("\r\n")
         lines.append(line)
-        if on_line is not None:
-            on_line(line)
+        if on_line is not None and on_line(line) is True and not give_up.is_set():
+            give_up.set()  # the parser has seen enough: end the tool now
+            if holder:
+                holder[0].terminate()
 
     started = time.monotonic()
     running = command(
@@ -129,9 +148,10 @@ def run(
         _env=env,
         _return_cmd=True,
     )
+    holder.append(running)
     with _running_lock:
         _running[id(running)] = running
-        if _stopping.is_set():  # a stop arrived while this one was starting
+        if _stopping.is_set() or give_up.is_set():  # asked to stop while it was starting
             running.terminate()
     try:
         running.wait()
@@ -327,6 +347,7 @@ _RESPONSE = re.compile(r"^I: Received Store Response \((?P<status>.*)\)\s*$")
 _BAD_FILE = re.compile(r"^E: Bad DICOM file: (?P<rest>.*)$")
 _STORE_FAILED = "E: Store Failed, file: "
 _NO_UID = "E: No SOP Class or Instance UID in file: "
+_DIMSE_TIMEOUT = "DIMSE No data available"  # storescu's wording for a DIMSE timeout
 
 
 def classify_status(status: str) -> Outcome:
@@ -335,7 +356,7 @@ def classify_status(status: str) -> Outcome:
         return Outcome.DELIVERED
     if status.startswith("Refused: OutOfResources"):
         return Outcome.TRANSIENT
-    if match := re.search(r"0x([0-9a-fA-F]{4})", status):
+    if match := re.search(r"0x([0-9a-fA-F]{1,4})\b", status):  # DCMTK drops leading zeros
         code = int(match.group(1), 16)
         if code == 0 or code in (0x0001, 0x0107, 0x0116) or 0xB000 <= code <= 0xBFFF:
             return Outcome.DELIVERED
@@ -401,7 +422,8 @@ class _StoreParser:
         self.current: str | None = None
         self.failed: str | None = None
 
-    def __call__(self, line: str) -> None:
+    def __call__(self, line: str) -> bool:
+        """Returns True when the rest of this association is not worth waiting for."""
         if line.startswith(_SENDING):
             self.current, self.failed = line[len(_SENDING):], None
         elif (response := _RESPONSE.match(line)) and self.current:
@@ -420,12 +442,19 @@ class _StoreParser:
         elif line.startswith(("E: ", "F: ")):
             if self.failed:
                 self.results[self.failed].detail += ": " + line[3:]
+                if _DIMSE_TIMEOUT in line:
+                    # storescu -nh would go on, one full DIMSE timeout per file.
+                    self.association_errors.append(
+                        f"the PACS stopped answering ({line[3:]}); the rest of this"
+                        " association is left for the next attempt")
+                    return True
             if line.startswith("F: ") or "Association" in line:
                 self.association_errors.append(line[3:])
             elif not self.failed and self.current and self.current not in self.results:
                 # e.g. "No presentation context for: (SG) …": the PACS accepted no
                 # context for this file's SOP class and transfer syntax.
                 self.results[self.current] = StoreResult(Outcome.PERMANENT, line[3:])
+        return False
 
 
 def _association_args(destination: Destination) -> list[str]:

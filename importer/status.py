@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -29,18 +28,22 @@ def run_checks(settings: Settings) -> list[Check]:
     checks = []
     versions = dcmtk.versions()
     for tool in TOOLS:
-        path = shutil.which(tool)
-        checks.append(Check(f"tool {tool}", path is not None,
-                            f"{path} ({versions.get(tool, '?')})" if path else versions[tool]))
+        try:
+            path = dcmtk.tool_path(tool)
+        except dcmtk.DcmtkMissing as exc:
+            checks.append(Check(f"tool {tool}", False, str(exc)))
+            continue
+        checks.append(Check(f"tool {tool}", True, f"{path} ({versions.get(tool, '?')})"))
     for label, path in (("IMPORT_DIR", settings.import_dir), ("ARCHIVE_DIR", settings.archive_dir),
                         ("FAILED_DIR", settings.failed_dir), ("LOG_DIR", settings.log_dir),
                         ("STATE_DIR", settings.state_dir)):
         ok = path.is_dir() and os.access(path, os.W_OK | os.X_OK)
         checks.append(Check(label, ok, f"{path} {'writable' if ok else 'missing or not writable'}"))
     for destination in settings.destinations:
-        if shutil.which("echoscu") is None:
+        try:
+            run = dcmtk.echo(destination)
+        except dcmtk.DcmtkMissing:
             break
-        run = dcmtk.echo(destination)
         problem = next((line[3:] for line in run.lines if line.startswith(("F: ", "E: "))),
                        f"echoscu exit code {run.exit_code}")
         role = "required" if destination.required else "optional"
