@@ -1,17 +1,26 @@
-"""Archive and quarantine moves that never lose the source.
+"""Archive and quarantine moves that never lose the source, and finish after a crash.
 
 On one filesystem a move is a rename (atomic). Across filesystems the file is copied to a
 ``.partial`` name, fsynced, checked for size, renamed into place, and only then is the
 source unlinked: a crash at any point leaves at least one complete copy.
+
+A folder's whole archive step (every move with its exact target, every quarantine reason,
+the receipt) is first written down as a plan in STATE_DIR; carrying it out is idempotent,
+so the run after a crash simply carries the same plan out again: each file ends up
+archived exactly once, no `.partial` is left, no quarantined file lacks its reason, and no
+archived folder lacks its receipt.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 class ArchiveError(OSError):
@@ -22,7 +31,7 @@ def move_file(source: Path, target: Path) -> Path:
     """Move source to target (or target.1, target.2… if taken); return where it went."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        target = _free_name(target)
+        target = free_name(target)
         try:
             os.rename(source, target)
         except OSError as exc:
@@ -34,9 +43,10 @@ def move_file(source: Path, target: Path) -> Path:
     return target
 
 
-def _free_name(target: Path) -> Path:
+def free_name(target: Path, taken: set[Path] | None = None) -> Path:
+    """target, or target.1, target.2… : the first name not on disk (nor in taken)."""
     candidate, n = target, 0
-    while os.path.lexists(candidate):
+    while os.path.lexists(candidate) or (taken is not None and candidate in taken):
         n += 1
         candidate = target.with_name(f"{target.name}.{n}")
     return candidate
@@ -69,10 +79,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+REASON_SUFFIX = ".reason.txt"
+
+
 def write_reason(target: Path, text: str) -> Path:
-    """A human-readable reason beside a quarantined file."""
-    reason = target.with_name(target.name + ".reason.txt")
-    reason.write_text(text.rstrip("\n") + "\n", encoding="utf-8", errors="backslashreplace")
+    """A human-readable reason beside a quarantined file (complete or absent, never empty)."""
+    reason = target.with_name(target.name + REASON_SUFFIX)
+    reason.parent.mkdir(parents=True, exist_ok=True)
+    partial = reason.with_name(reason.name + ".partial")
+    try:
+        partial.write_text(text.rstrip("\n") + "\n", encoding="utf-8",
+                           errors="backslashreplace")
+        os.replace(partial, reason)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
     return reason
 
 
@@ -96,13 +118,116 @@ def restore_quarantined(path: Path, failed_dir: Path, import_dir: Path) -> list[
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     restored = []
     for source in files:
-        if source.name.endswith(".reason.txt") or source.is_symlink():
+        if source.name.endswith(REASON_SUFFIX) or source.is_symlink():
             continue
         parts = source.relative_to(failed_dir).parts  # (<ts>, <folder>, *rel)
         if len(parts) < 3:
             continue
         restored.append(move_file(source, import_dir.joinpath(*parts[1:])))
-        Path(str(source) + ".reason.txt").unlink(missing_ok=True)
+        Path(str(source) + REASON_SUFFIX).unlink(missing_ok=True)
     if path.is_dir():
         remove_empty_dirs(path)
     return restored
+
+
+# --- the write-ahead plan of a folder's archive step ---------------------------------------
+
+
+@dataclass
+class Plan:
+    """Everything one folder's archive step does, decided before anything moves."""
+
+    folder: str = ""  # the import folder it belongs to (its lock guards the plan)
+    moves: list[tuple[str, str]] = field(default_factory=list)  # (source, exact target)
+    reasons: dict[str, str] = field(default_factory=dict)  # quarantine target -> reason
+    receipt_path: str | None = None
+    receipt: dict[str, Any] | None = None  # its "files" entries carry their "target"
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        with open(partial, "w", encoding="utf-8") as fh:
+            json.dump({"folder": self.folder, "moves": self.moves, "reasons": self.reasons,
+                       "receipt_path": self.receipt_path, "receipt": self.receipt}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(partial, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Plan | None:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        return cls(data["folder"], [tuple(m) for m in data["moves"]], data["reasons"],
+                   data["receipt_path"], data["receipt"])
+
+
+@dataclass
+class Outcome:
+    moved: list[str] = field(default_factory=list)  # sources now at their target
+    failed: dict[str, str] = field(default_factory=dict)  # source -> why it stays
+    receipt_error: str | None = None
+
+
+def carry_out(plan: Plan) -> Outcome:
+    """Do (or finish) what the plan says; safe to repeat after a crash at any point."""
+    outcome = Outcome()
+    for source, target in plan.moves:
+        reason = plan.reasons.get(target)
+        try:
+            if reason is not None and not os.path.exists(target + REASON_SUFFIX):
+                write_reason(Path(target), reason)  # first: never a quarantined file without
+            _move_exact(Path(source), Path(target))
+        except OSError as exc:
+            outcome.failed[source] = exc.strerror or str(exc)
+            continue
+        outcome.moved.append(source)
+    if plan.receipt_path and plan.receipt is not None:
+        receipt = dict(plan.receipt)
+        receipt["files"] = [{k: v for k, v in entry.items() if k != "target"}
+                            for entry in plan.receipt["files"]
+                            if os.path.exists(entry.get("target", "/"))]
+        if receipt["files"]:
+            try:
+                _write_json(Path(plan.receipt_path), receipt)
+            except OSError as exc:
+                outcome.receipt_error = exc.strerror or str(exc)
+    return outcome
+
+
+def _move_exact(source: Path, target: Path) -> None:
+    """Move source to exactly target. Already done (source gone, target there): nothing.
+    Copied but not yet unlinked (a crash across filesystems): unlink the source."""
+    partial = target.with_name(target.name + ".partial")
+    if not os.path.lexists(source):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+        return
+    if os.path.lexists(target):
+        if os.path.getsize(target) == os.path.getsize(source):
+            os.unlink(source)  # the copy is complete: only the unlink was missing
+            return
+        raise OSError(errno.EEXIST, f"{target} exists and differs from {source}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(partial)  # a copy interrupted earlier
+    try:
+        os.rename(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        _copy_then_unlink(source, target)
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, "w", encoding="utf-8", errors="surrogateescape") as fh:
+            json.dump(content, fh, ensure_ascii=False, indent=2)
+            fh.write("\n")
+        os.replace(partial, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise

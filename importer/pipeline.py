@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from importer import dcmtk, logs
-from importer.archive import ArchiveError, move_file, remove_empty_dirs, write_reason
+from importer.archive import Outcome, Plan, carry_out, free_name, remove_empty_dirs
 from importer.config import Destination, Settings
 from importer.folders import Patient, display, parse_folder_name
 from importer.journal import FileKey, Journal
 from importer.logs import error, event, warn
-from importer.receipt import write_receipt
+from importer.receipt import build_receipt, receipt_path
 from importer.verify import Verifier
 
 WORK_DIR_NAME = ".importer-work"
@@ -190,14 +190,16 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
         if not settings.log_patient_names:
             locks.enter_context(logs.hidden_names(patient.name for _, patient in matched))
         folders: list[Folder] = []
+        recovered: list[str] = []  # sources an interrupted archive step has now moved
+        if not settings.dry_run:
+            _recover_elsewhere(settings, {name for name, _ in matched}, recovered)
         for name, patient in matched:
             if not locks.enter_context(folder_lock(settings, name)):
                 event("INFO", "%s is being processed by another importer; skipped", display(name))
                 report.busy.append(name)
                 continue
-            if not settings.dry_run and (restored := _recover_interrupted_stamp(settings, name)):
-                warn("%s: an interrupted run left %d files half-stamped; originals restored",
-                     display(name), restored)
+            if not settings.dry_run:
+                _recover(settings, name, recovered)
             files, left = list_files(settings.import_dir / name)
             folder = Folder(name, settings.import_dir / name, patient, files, left)
             for rel, why in left:
@@ -217,6 +219,7 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
             _remember_held(settings, folder)
 
         journal = Journal(settings.state_dir)
+        journal.forget(recovered)
         try:
             with Sender(settings, journal) as sender:
                 for folder in folders:
@@ -427,6 +430,41 @@ def _mark_ready(folder: Folder, source: SourceFile) -> None:
         return
     source.size, source.mtime_ns = st.st_size, st.st_mtime_ns
     folder.ready.append(source)
+
+
+def _recover(settings: Settings, folder_name: str, recovered: list[str]) -> None:
+    """Finish what a crashed run left half done in this folder, before looking at it."""
+    if restored := _recover_interrupted_stamp(settings, folder_name):
+        warn("%s: an interrupted run left %d files half-stamped; originals restored",
+             display(folder_name), restored)
+    plan_file = _plan_path(settings, folder_name)
+    if (plan := Plan.load(plan_file)) is not None:
+        outcome = carry_out(plan)
+        recovered += outcome.moved
+        if outcome.failed or outcome.receipt_error:
+            warn("%s: the archive step an earlier run began is still not complete: %s",
+                 display(folder_name), "; ".join([*outcome.failed.values()][:1]
+                                                 + [outcome.receipt_error or ""]).strip("; "))
+        else:
+            plan_file.unlink()
+            warn("%s: finished the archive step an earlier run began (%d files moved now)",
+                 display(folder_name), len(outcome.moved))
+
+
+def _recover_elsewhere(settings: Settings, skip: set[str], recovered: list[str]) -> None:
+    """Archive steps left unfinished for folders no longer in the import dir (all their
+    files had moved; say, only the receipt was missing)."""
+    for plan_file in sorted((settings.state_dir / "archiving").glob("*.json")):
+        plan = Plan.load(plan_file)
+        if plan is None or plan.folder in skip:
+            continue
+        with folder_lock(settings, plan.folder) as acquired:
+            if acquired:
+                _recover(settings, plan.folder, recovered)
+
+
+def _plan_path(settings: Settings, folder_name: str) -> Path:
+    return settings.state_dir / "archiving" / f"{_folder_hash(folder_name)}.json"
 
 
 def _intent_path(settings: Settings, folder_name: str) -> Path:
@@ -657,7 +695,6 @@ def _finish(folder: Folder, settings: Settings, journal: Journal, verifier: Veri
     if folder.held:
         event("INFO", "%s: held — %s", display(folder.name), folder.held)
         return
-    archived: list[str] = []
     required = [d for d in settings.destinations if d.required]
     deliveries = {d.name: journal.lookup([f.key for f in folder.ready], d.name)
                   for d in settings.destinations}
@@ -701,36 +738,53 @@ def _finish(folder: Folder, settings: Settings, journal: Journal, verifier: Veri
     if not folder.pending:
         to_archive += folder.unsent
     target_root = settings.archive_dir / batch_stamp / folder.name
+    failed_root = settings.failed_dir / batch_stamp / folder.name
     if to_archive:
         event("PHASE 3", "%s: archiving %d files to %s", display(folder.name), len(to_archive),
               display(str(target_root)))
-    for source in to_archive:
-        try:
-            move_file(Path(source.path), target_root / source.rel)
-        except ArchiveError as exc:
-            folder.pending[source.path] = f"cannot archive: {exc.strerror}"
-            continue
-        archived.append(source.path)
-    folder.archived = len(archived)
-    if archived:
-        done = set(archived)
-        write_receipt(target_root, folder, [f for f in to_archive if f.path in done],
-                      deliveries, settings, verifier)
 
-    failed_root = settings.failed_dir / batch_stamp / folder.name
+    # Decide every target first and write the plan down; then carry it out (see archive.py).
+    plan, taken = Plan(folder.name), set()
+    placed: list[tuple[SourceFile, Path]] = []
+    for source in to_archive:
+        target = free_name(target_root / source.rel, taken)
+        taken.add(target)
+        plan.moves.append((source.path, str(target)))
+        placed.append((source, target))
     by_path = {f.path: f for f in folder.files + folder.unsent}
+    quarantine_rel = {}
     for path, reason in folder.to_quarantine.items():
         rel = by_path[path].rel if path in by_path else os.path.relpath(path, folder.path)
-        try:
-            moved = move_file(Path(path), failed_root / rel)
-            write_reason(moved, f"{folder.name}/{rel}\n{reason}")
-        except (ArchiveError, OSError) as exc:
-            folder.pending[path] = f"cannot quarantine ({reason}): {exc.strerror}"
-            continue
-        warn("%s/%s quarantined in %s: %s", display(folder.name), display(rel),
-             display(str(failed_root)), reason)
-        archived.append(path)
-        folder.quarantined += 1
+        target = free_name(failed_root / rel, taken)
+        taken.add(target)
+        plan.moves.append((path, str(target)))
+        plan.reasons[str(target)] = f"{folder.name}/{rel}\n{reason}"
+        quarantine_rel[path] = rel
+    if placed:
+        plan.receipt_path = str(receipt_path(target_root))
+        plan.receipt = build_receipt(target_root, folder, placed, deliveries, settings, verifier)
+    outcome = Outcome()
+    if plan.moves:
+        plan_file = _plan_path(settings, folder.name)
+        plan.save(plan_file)
+        outcome = carry_out(plan)
+        if not outcome.failed and not outcome.receipt_error:
+            plan_file.unlink()  # else the next run carries out the rest of it first
+
+    archived = outcome.moved
+    for path, why in outcome.failed.items():
+        what = "quarantine" if path in folder.to_quarantine else "archive"
+        folder.pending[path] = f"cannot {what}: {why}"
+    for path in archived:
+        if path in quarantine_rel:
+            warn("%s/%s quarantined in %s: %s", display(folder.name),
+                 display(quarantine_rel[path]), display(str(failed_root)),
+                 folder.to_quarantine[path])
+            folder.quarantined += 1
+    folder.archived = len(archived) - folder.quarantined
+    if outcome.receipt_error:
+        error("%s: the receipt %s could not be written: %s", display(folder.name),
+              display(plan.receipt_path or ""), outcome.receipt_error)
     journal.forget(archived)
     remove_empty_dirs(folder.path)
     for path, why in folder.pending.items():

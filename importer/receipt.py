@@ -9,7 +9,6 @@ that time; it does not prove what they still hold today, nor that the images are
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,10 +26,11 @@ def receipt_path(target_root: Path) -> Path:
     return target_root.with_name(target_root.name + ".receipt.json")
 
 
-def write_receipt(target_root: Path, folder: Folder, archived: list[SourceFile],
+def build_receipt(target_root: Path, folder: Folder, archived: list[tuple[SourceFile, Path]],
                   deliveries: dict[str, dict[FileKey, Delivery]], settings: Settings,
-                  verifier: Verifier) -> Path:
-    path = receipt_path(target_root)
+                  verifier: Verifier) -> dict[str, Any]:
+    """The receipt for files about to be archived (each with its exact target); entries
+    keep their "target" until the receipt is written (only files that got there count)."""
     receipt: dict[str, Any] = {
         "folder": folder.name,
         "patient": {"id": folder.patient.id,
@@ -41,12 +41,14 @@ def write_receipt(target_root: Path, folder: Folder, archived: list[SourceFile],
              "verification": _verification(d, verifier)}
             for d in settings.destinations],
         "files": [],
+        "written_at": _iso(time.time()),
     }
+    path = receipt_path(target_root)
     if path.exists():  # a second run archived more of this folder into the same batch
         receipt["files"] = json.loads(path.read_text(encoding="utf-8")).get("files", [])
     unsent = {f.path for f in folder.unsent}
-    for source in archived:
-        entry: dict[str, Any] = {"path": source.rel, "size": source.size}
+    for source, target in archived:
+        entry: dict[str, Any] = {"path": source.rel, "size": source.size, "target": str(target)}
         if source.path in unsent:
             entry["sent"] = False
             entry["why"] = "not DICOM (or a DICOMDIR): archived with its folder, never sent"
@@ -61,12 +63,7 @@ def write_receipt(target_root: Path, folder: Folder, archived: list[SourceFile],
                     "verified_by_c_find": state.verified,
                 }
         receipt["files"].append(entry)
-    receipt["written_at"] = _iso(time.time())
-    text = json.dumps(receipt, ensure_ascii=False, indent=2)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text + "\n", encoding="utf-8", errors="surrogateescape")
-    os.replace(partial, path)
-    return path
+    return receipt
 
 
 def _verification(destination: Destination, verifier: Verifier) -> str:

@@ -12,7 +12,7 @@ optional destination that are down; SIGKILL at random moments, and at exact syst
 archive, receipt and quarantine steps (strace ``inject``); two importers at once; a full and a
 read-only archive file system and a full FAILED_DIR (tmpfs; root only).
 
-Tests marked ``xfail(strict=True)`` are bugs found here; each reason says which. With
+Bugs this suite found were fixed; a regression shows as a plain failure. With
 ``FAULT_REPORT=1`` the kill loop prints where each kill landed and how many files it made the
 importer send twice (``FAULT_SEED``, ``FAULT_KILL_ITERATIONS`` vary it).
 """
@@ -557,14 +557,8 @@ needs_strace = pytest.mark.skipif(_NO_STRACE is not None, reason=_NO_STRACE or "
 
 @needs_strace
 @pytest.mark.parametrize("kill_at", [
-    pytest.param("unlink", marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: cross-filesystem archive, SIGKILL after the copy is renamed into place but before"
-        " the source is unlinked: the next run archives the file a second time (IM00001.dcm.1"
-        " or a new batch dir)")), id="after-copy-before-unlink"),
-    pytest.param("fsync", marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: cross-filesystem archive, SIGKILL while the copy is a .partial: the .partial stays"
-        " in the old batch dir forever (the next run archives into a new one)")),
-        id="during-copy"),
+    pytest.param("unlink", id="after-copy-before-unlink"),
+    pytest.param("fsync", id="during-copy"),
 ])
 def test_sigkill_inside_a_cross_filesystem_archive_move(site: Site, storescp: StoreSCP,
                                                         other_filesystem: Path,
@@ -598,9 +592,6 @@ def test_sigkill_inside_a_cross_filesystem_archive_move(site: Site, storescp: St
 
 
 @needs_strace
-@pytest.mark.xfail(strict=True, reason="bug: SIGKILL while the receipt is written (after the"
-                   " files were archived): that folder never gets a receipt and"
-                   " <folder>.receipt.json.partial stays in ARCHIVE_DIR")
 def test_sigkill_while_writing_a_receipt(site: Site, storescp: StoreSCP) -> None:
     """The receipt is written after the folder's files were moved. SIGKILL exactly before its
     `.partial` is renamed into place (strace, on that rename), then a normal run: every
@@ -623,13 +614,11 @@ def test_sigkill_while_writing_a_receipt(site: Site, storescp: StoreSCP) -> None
 
 
 @needs_strace
-@pytest.mark.xfail(strict=True, reason="bug: SIGKILL between the move into FAILED_DIR and the"
-                   " reason file: the file is quarantined without a reason, and `importer status`"
-                   " (which lists *.reason.txt) does not show it at all")
 def test_sigkill_between_quarantine_and_its_reason(site: Site, storescp: StoreSCP) -> None:
-    """An unreadable file is quarantined: moved to FAILED_DIR, then its reason written beside
-    it. SIGKILL exactly between the two (strace, on opening `<file>.reason.txt`): the file must
-    not end up in FAILED_DIR without its reason, and `importer status` must list it."""
+    """An unreadable file is quarantined: its reason is written beside its target (a
+    `.partial` renamed into place), then the file is moved. SIGKILL exactly inside that
+    (strace, on renaming `<file>.reason.txt.partial`): the file must never end up in
+    FAILED_DIR without its reason, and `importer status` must list it after the next run."""
     site.use(storescp)
     folder = "#47-Quarantine^Kill"
     make_ct(site.import_dir / folder / "whole.dcm", rows=ROWS)
@@ -638,8 +627,8 @@ def test_sigkill_between_quarantine_and_its_reason(site: Site, storescp: StoreSC
     (site.import_dir / folder / "whole.dcm").unlink()
     make_ct(site.import_dir / folder / "good.dcm", rows=ROWS)
 
-    reasons = batch_dirs(site.failed_dir, folder, "cut.dcm.reason.txt")
-    killed = run_killed_at(site, "openat", reasons)
+    reasons = batch_dirs(site.failed_dir, folder, "cut.dcm.reason.txt.partial")
+    killed = run_killed_at(site, "rename", reasons)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     site.run()
 
@@ -784,9 +773,6 @@ def test_archive_disk_full_keeps_the_sources_and_archives_once_space_is_back(
 
 
 @needs_mount
-@pytest.mark.xfail(strict=True, reason="bug: archive full at the receipt write: the batch stops"
-                   " ('Batch stopped: [Errno 28]'), the archived folder never gets its receipt"
-                   " and a 0-byte <folder>.receipt.json.partial stays in ARCHIVE_DIR")
 def test_archive_full_at_the_receipt_still_finishes_the_batch(site: Site,
                                                               tmp_path: Path) -> None:
     """Room in ARCHIVE_DIR for the first folder's file but not for its receipt: the files
@@ -869,9 +855,6 @@ def test_archive_turning_read_only_mid_run_keeps_the_sources(site: Site,
 
 
 @needs_mount
-@pytest.mark.xfail(strict=True, reason="bug: when the reason file cannot be written, the file"
-                   " is already in FAILED_DIR but the console says 'left for retry', and its"
-                   " reason is lost (empty reason.txt)")
 def test_full_failed_dir_never_loses_why_a_file_was_quarantined(site: Site, tmp_path: Path,
                                                                 storescp: StoreSCP) -> None:
     """FAILED_DIR with room for the quarantined file but not for its reason: either the file
