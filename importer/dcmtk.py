@@ -386,8 +386,9 @@ def proposal_for(transfer_syntax: str) -> str:
     return _PROPOSE.get(transfer_syntax, "")
 
 
-def store(destination: Destination, paths: Sequence[str],
-          proposal: str = "") -> tuple[dict[str, StoreResult], str]:
+def store(destination: Destination, paths: Sequence[str], proposal: str = "",
+          on_answer: Callable[[str, StoreResult], None] | None = None,
+          ) -> tuple[dict[str, StoreResult], str]:
     """Send files over one association per chunk; return each file's result.
 
     A file counts as delivered only by the PACS's own answer for it. Files for which no
@@ -398,7 +399,7 @@ def store(destination: Destination, paths: Sequence[str],
     # (e.g. Segmentation) can be sent too.
     args = ["-v", "-nh", "-R", *([proposal] if proposal else []),
             *_association_args(destination), destination.host, str(destination.port)]
-    parser = _StoreParser()
+    parser = _StoreParser(on_answer)
     fixed = sum(len(a) + 9 for a in args)
     for chunk in chunked(paths, fixed):
         parser.current = parser.failed = None
@@ -416,11 +417,12 @@ def store(destination: Destination, paths: Sequence[str],
 class _StoreParser:
     """Pairs `storescu -v` lines: `Sending file: <path>` then the PACS's answer for it."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_answer: Callable[[str, StoreResult], None] | None = None) -> None:
         self.results: dict[str, StoreResult] = {}
         self.association_errors: list[str] = []
         self.current: str | None = None
         self.failed: str | None = None
+        self.on_answer = on_answer  # told each PACS answer as it arrives
 
     def __call__(self, line: str) -> bool:
         """Returns True when the rest of this association is not worth waiting for."""
@@ -428,7 +430,9 @@ class _StoreParser:
             self.current, self.failed = line[len(_SENDING):], None
         elif (response := _RESPONSE.match(line)) and self.current:
             status = response["status"]
-            self.results[self.current] = StoreResult(classify_status(status), status)
+            result = self.results[self.current] = StoreResult(classify_status(status), status)
+            if self.on_answer is not None:
+                self.on_answer(self.current, result)
             self.current = None
         elif _BAD_FILE.match(line) and self.current:
             self.results[self.current] = StoreResult(Outcome.PERMANENT, line[3:])

@@ -655,18 +655,51 @@ class Sender:
 
     def _send(self, destination: Destination, transfer_syntax: str,
               files: list[SourceFile]) -> None:
+        by_path = {f.path: f for f in files}
+        recorder = _AnswerRecorder(self.journal, destination.name, by_path)
         try:
-            results, error = dcmtk.store(destination, [f.path for f in files], transfer_syntax)
+            results, error = dcmtk.store(destination, list(by_path), transfer_syntax,
+                                         on_answer=recorder.add)
         except (dcmtk.DcmtkMissing, dcmtk.Stopped) as exc:
             results, error = {}, str(exc)
+        recorder.flush()
         if error:
             warn("%s: %s", destination.label, error)
-        outcomes = []
         for source in files:
-            result = results.get(source.path) or dcmtk.StoreResult(dcmtk.Outcome.TRANSIENT, error)
-            outcomes.append((source.key, result.outcome is dcmtk.Outcome.DELIVERED,
-                             result.outcome is dcmtk.Outcome.PERMANENT, result.detail))
-        self.journal.record(destination.name, outcomes)
+            if source.path not in recorder.recorded:
+                recorder.add(source.path, results.get(source.path)
+                             or dcmtk.StoreResult(dcmtk.Outcome.TRANSIENT, error))
+        recorder.flush()
+
+
+class _AnswerRecorder:
+    """Writes the PACS's answers to the journal while storescu is still running (at most
+    every 0.1 s: a few commits a second), so a crash mid-send resends only about the last
+    0.1 s of answers (and whatever an orphaned storescu sends after its parent died)."""
+
+    def __init__(self, journal: Journal, destination: str, files: dict[str, SourceFile]) -> None:
+        self.journal = journal
+        self.destination = destination
+        self.files = files
+        self.recorded: set[str] = set()
+        self.buffer: list[tuple[FileKey, bool, bool, str]] = []
+        self.last_flush = time.monotonic()
+
+    def add(self, path: str, result: dcmtk.StoreResult) -> None:
+        source = self.files.get(path)
+        if source is None or path in self.recorded:
+            return
+        self.recorded.add(path)
+        self.buffer.append((source.key, result.outcome is dcmtk.Outcome.DELIVERED,
+                            result.outcome is dcmtk.Outcome.PERMANENT, result.detail))
+        if time.monotonic() - self.last_flush > 0.1:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.journal.record(self.destination, self.buffer)
+            self.buffer = []
+        self.last_flush = time.monotonic()
 
 
 def _split(files: list[SourceFile],
