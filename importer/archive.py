@@ -147,8 +147,10 @@ class Plan:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
         with open(partial, "w", encoding="utf-8") as fh:
-            json.dump({"folder": self.folder, "moves": self.moves, "reasons": self.reasons,
-                       "receipt_path": self.receipt_path, "receipt": self.receipt}, fh)
+            # json.dumps, not json.dump: only the former uses the C encoder.
+            fh.write(json.dumps({"folder": self.folder, "moves": self.moves,
+                                 "reasons": self.reasons, "receipt_path": self.receipt_path,
+                                 "receipt": self.receipt}))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(partial, path)
@@ -209,14 +211,18 @@ def _move_exact(source: Path, target: Path) -> None:
             os.unlink(source)  # the copy is complete: only the unlink was missing
             return
         raise OSError(errno.EEXIST, f"{target} exists and differs from {source}")
-    target.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(partial)  # a copy interrupted earlier
     try:
-        os.rename(source, target)
+        try:
+            os.rename(source, target)
+        except FileNotFoundError:  # the target's directory does not exist yet
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(source, target)
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
+        target.parent.mkdir(parents=True, exist_ok=True)
         _copy_then_unlink(source, target)
 
 
@@ -224,8 +230,7 @@ def _write_json(path: Path, content: dict[str, Any]) -> None:
     partial = path.with_name(path.name + ".partial")
     try:
         with open(partial, "w", encoding="utf-8", errors="surrogateescape") as fh:
-            json.dump(content, fh, ensure_ascii=False, indent=2)
-            fh.write("\n")
+            fh.write(json.dumps(content, ensure_ascii=False, indent=1) + "\n")
         os.replace(partial, path)
     except OSError:
         with contextlib.suppress(OSError):

@@ -147,6 +147,9 @@ def run(
         _encoding=_FS_CODEC,
         _env=env,
         _return_cmd=True,
+        # sh's own debug logging formats the whole argv into every message, per output
+        # line, even when nothing logs it: a short context keeps that cheap.
+        _log_msg=lambda _cmd, _call_args, pid=None: f"{tool} {pid}",
     )
     holder.append(running)
     with _running_lock:

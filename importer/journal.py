@@ -73,14 +73,19 @@ class Journal:
 
     def lookup(self, keys: Iterable[FileKey], destination: str) -> dict[FileKey, Delivery]:
         """What the journal knows of these files at one destination (stale rows ignored)."""
-        # The journal only holds files still in the import dir, so one scan is cheap.
+        keys = list(keys)
+        if not keys:
+            return {}
+        # One range scan over the primary key: the rows under the keys' common directory.
+        low = os.fsencode(os.path.commonpath([k.path for k in keys]))
         with self.lock:
             rows = {
                 os.fsdecode(row[0]): row[1:]
                 for row in self.db.execute(
                     "SELECT path, size, mtime_ns, delivered_at, attempts, refusals, last_error,"
-                    " last_status, verified_at, not_found FROM delivery WHERE destination = ?",
-                    (destination,),
+                    " last_status, verified_at, not_found FROM delivery"
+                    " WHERE path >= ? AND path < ? AND destination = ?",
+                    (low, low + b"\xff", destination),
                 )
             }
         known: dict[FileKey, Delivery] = {}

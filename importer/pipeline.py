@@ -33,7 +33,7 @@ from importer.receipt import build_receipt, receipt_path
 from importer.verify import Verifier
 
 WORK_DIR_NAME = ".importer-work"
-MIN_FILES_PER_ASSOCIATION = 50
+MIN_FILES_PER_ASSOCIATION = 100  # below that, one more storescu costs more than it gains
 UTF8_CHARSETS = ("", "ISO_IR 6", "ISO_IR 192")
 # Korean in the wild: (0008,0005) says "ISO_IR 149" (or "ISO 2022 IR 149" as value 1), which
 # DCMTK refuses. Both name KS X 1001, which DICOM only defines with code extensions, as
