@@ -96,7 +96,9 @@ def generate(corpus: Path, args: argparse.Namespace) -> int:
 
 
 def count_files(root: Path) -> int:
-    return sum(len(files) for _, _, files in os.walk(root))
+    """Files under root, not counting the importer's receipts (<folder>.receipt.json)."""
+    return sum(len([f for f in files if not f.endswith(".receipt.json")])
+               for _, _, files in os.walk(root))
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -1,46 +1,36 @@
-"""One batch: snapshot -> validate -> stamp -> verify -> send -> archive.
+"""One batch: snapshot -> validate -> stamp -> send (and verify) -> archive.
 
 The order of the guarantees: a file is never sent unless a fresh read shows it carries
-its folder's identity; never archived unless every required PACS answered success for
-it; never quarantined or archived by a crash halfway (originals are only replaced by a
-verified copy, atomically). Folders are stamped one after another while the previous
-folder is being sent, so the two cores overlap DCMTK's work.
+its folder's identity (stamp.py); never archived unless every required PACS answered
+success for it, and listed it where it answers C-FIND (send.py, verify.py); and no crash
+at any point loses an original or archives a file twice (stamping behind an intent file,
+archiving behind a written-ahead plan, both finished by the next run). Folders are stamped
+one after another while the previous one is being sent, so the two cores overlap.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
-import hashlib
-import math
 import os
-import shutil
 import stat
 import time
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from importer import dcmtk, logs
 from importer.archive import Outcome, Plan, carry_out, free_name, remove_empty_dirs
-from importer.config import Destination, Settings
+from importer.config import Settings
 from importer.folders import Patient, display, parse_folder_name
-from importer.journal import FileKey, Journal
+from importer.journal import Journal
 from importer.logs import error, event, warn
+from importer.model import Folder, SourceFile, folder_hash, identity_label
 from importer.receipt import build_receipt, receipt_path
+from importer.send import Sender
+from importer.stamp import recover_interrupted_stamp, stamp
 from importer.verify import Verifier
 
-WORK_DIR_NAME = ".importer-work"
-MIN_FILES_PER_ASSOCIATION = 100  # below that, one more storescu costs more than it gains
-UTF8_CHARSETS = ("", "ISO_IR 6", "ISO_IR 192")
-# Korean in the wild: (0008,0005) says "ISO_IR 149" (or "ISO 2022 IR 149" as value 1), which
-# DCMTK refuses. Both name KS X 1001, which DICOM only defines with code extensions, as
-# "\ISO 2022 IR 149". A working copy is relabelled so and converted; dcmconv then accepts
-# exactly the text that carries the ESC $ ) C designation DICOM requires before Korean in
-# every value/component, and fails loudly (the file is quarantined) on plain EUC-KR.
-RELABEL_CHARSETS = {"ISO_IR 149": "\\ISO 2022 IR 149", "ISO 2022 IR 149": "\\ISO 2022 IR 149"}
 ORIGINAL_TAGS = (
     dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME, dcmtk.CHARSET, dcmtk.BIRTH_DATE, dcmtk.SEX,
     dcmtk.SOP_INSTANCE_UID, dcmtk.STUDY_INSTANCE_UID, dcmtk.MEDIA_STORAGE_SOP_CLASS,
@@ -50,48 +40,14 @@ DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 
 
 @dataclass
-class SourceFile:
-    path: str  # absolute; undecodable bytes kept as surrogate escapes
-    rel: str
-    size: int
-    mtime_ns: int
-    transfer_syntax: str = ""  # from the first full read; stamping keeps it
-    sop_uid: str = ""  # for C-FIND verification and the receipt
-    study_uid: str = ""
-
-    @property
-    def key(self) -> FileKey:
-        return FileKey(self.path, self.size, self.mtime_ns)
-
-
-@dataclass
-class Folder:
-    name: str
-    path: Path
-    patient: Patient
-    files: list[SourceFile]
-    left: list[tuple[str, str]] = field(default_factory=list)  # (rel, why), stays in place
-    unsent: list[SourceFile] = field(default_factory=list)  # not DICOM / DICOMDIR: archived
-    to_quarantine: dict[str, str] = field(default_factory=dict)  # path -> reason
-    ready: list[SourceFile] = field(default_factory=list)  # verified identity, sendable
-    pending: dict[str, str] = field(default_factory=dict)  # path -> why it waits for retry
-    held: str | None = None
-    sent: int = 0
-    archived: int = 0
-    quarantined: int = 0
-    started: float = field(default_factory=time.monotonic)
-
-
-@dataclass
 class BatchReport:
     folders: list[Folder] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
     busy: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        if self.errors or any(f.pending or f.quarantined or f.held for f in self.folders):
+        if any(f.pending or f.quarantined or f.held for f in self.folders):
             return 1
         return 3 if self.busy else 0
 
@@ -153,7 +109,7 @@ def folder_lock(settings: Settings, name: str) -> Iterator[bool]:
         return
     lock_dir = settings.state_dir / "locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_dir / f"{_folder_hash(name)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock_dir / f"{folder_hash(name)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -163,13 +119,6 @@ def folder_lock(settings: Settings, name: str) -> Iterator[bool]:
         yield True
     finally:
         os.close(fd)
-
-
-def _folder_hash(name: str) -> str:
-    return hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:20]
-
-
-# --- the batch ----------------------------------------------------------------------------
 
 
 def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
@@ -226,7 +175,7 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
                     if folder.held:
                         continue
                     try:
-                        _stamp(folder, dumps, settings)
+                        stamp(folder, dumps, settings)
                     except dcmtk.Stopped:
                         break  # shutting down: archive what was delivered, leave the rest
                     sender.submit(folder)
@@ -291,7 +240,7 @@ def _check_patients(folders: list[Folder], dumps: dict[str, dcmtk.Dump],
 
 def _remember_held(settings: Settings, folder: Folder) -> None:
     """Held folders are listed by `importer status` until a person sorts them out."""
-    note = settings.state_dir / "held" / f"{_folder_hash(folder.name)}.txt"
+    note = settings.state_dir / "held" / f"{folder_hash(folder.name)}.txt"
     if folder.held:
         note.parent.mkdir(parents=True, exist_ok=True)
         note.write_text(f"{folder.name}\n{folder.held}\n", encoding="utf-8",
@@ -305,136 +254,14 @@ def _describe(folders: list[Folder], dumps: dict[str, dcmtk.Dump], settings: Set
     for folder in folders:
         event("DRY-RUN", "%s: would stamp %d files as %s and send them to %s; "
               "%d not DICOM (archive unsent); %d unreadable (quarantine)%s",
-              display(folder.name), len(folder.files), _identity(folder.patient, settings),
+              display(folder.name), len(folder.files), identity_label(folder.patient, settings),
               targets, len(folder.unsent), len(folder.to_quarantine),
               f"; HELD: {folder.held}" if folder.held else "")
 
 
-def _identity(patient: Patient, settings: Settings) -> str:
-    name = patient.name if settings.log_patient_names else "***"
-    return f"ID {patient.id} / name {name}"
-
-
-# --- [PHASE 1] stamp and verify --------------------------------------------------------------
-
-
-def _stamp(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -> None:
-    """Give every file its folder's identity through a verified copy, then swap it in."""
-    patient = folder.patient
-    utf8 = not patient.is_ascii()
-    to_stamp: list[SourceFile] = []
-    for source in folder.files:
-        values = dumps[source.path].values
-        if (values.get(dcmtk.PATIENT_ID) == patient.id
-                and values.get(dcmtk.PATIENT_NAME) == patient.name
-                and (not utf8 or values.get(dcmtk.CHARSET) == "ISO_IR 192")):
-            folder.ready.append(source)  # already stamped by an earlier run
-        else:
-            to_stamp.append(source)
-    event("PHASE 1", "%s: stamping %d files with %s (%d already carry it)",
-          display(folder.name), len(to_stamp), _identity(patient, settings), len(folder.ready))
-    if not to_stamp:
-        return
-
-    # Most files are stamped in place by dcmodify's backup mode (the original is renamed to
-    # <file>.bak before the new file is written); files that need a character-set
-    # conversion, or already have a <file>.bak beside them, go through working copies.
-    in_place, via_copy = [], []
-    for source in to_stamp:
-        charset = dumps[source.path].values.get(dcmtk.CHARSET, "")
-        plain = not utf8 or charset in UTF8_CHARSETS
-        (in_place if plain and not os.path.lexists(source.path + ".bak") else via_copy).append(
-            source)
-    if in_place:
-        _stamp_in_place(folder, in_place, settings, utf8)
-    if via_copy:
-        _stamp_copies(folder, via_copy, dumps, settings, utf8)
-
-
-def _stamp_in_place(folder: Folder, files: list[SourceFile], settings: Settings,
-                    utf8: bool) -> None:
-    """dcmodify with backups, verified; a file that fails gets its original back.
-
-    An intent file in STATE_DIR lists the files under way, so that after a crash at any
-    point the next run puts every <file>.bak back before it looks at the folder.
-    """
-    intent = _intent_path(settings, folder.name)
-    _write_intent(intent, [f.path for f in files])
-    try:
-        by_path = {f.path: f for f in files}
-        runs = dcmtk.stamp_identity(list(by_path), folder.patient, utf8=utf8, backup=True)
-        for path, problem in _verify(folder, by_path, runs, utf8).items():
-            backup = path + ".bak"
-            if problem is None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(backup)
-                _mark_ready(folder, by_path[path])
-                continue
-            if os.path.lexists(backup):
-                os.replace(backup, path)  # the original, untouched
-            folder.to_quarantine[path] = problem
-    finally:
-        _recover_interrupted_stamp(settings, folder.name)
-
-
-def _stamp_copies(folder: Folder, files: list[SourceFile], dumps: dict[str, dcmtk.Dump],
-                  settings: Settings, utf8: bool) -> None:
-    """Stamp working copies (dcmodify -nb), verify them, then swap each in atomically."""
-    work = settings.import_dir / WORK_DIR_NAME / _folder_hash(folder.name)
-    shutil.rmtree(work, ignore_errors=True)  # leftovers of a crashed run: copies only
-    work.mkdir(parents=True)
-    try:
-        copies = _stage_copies(folder, files, dumps, work, utf8)
-        runs = dcmtk.stamp_identity(list(copies), folder.patient, utf8=utf8, backup=False)
-        for copy, problem in _verify(folder, copies, runs, utf8).items():
-            source = copies[copy]
-            if problem:
-                folder.to_quarantine[source.path] = problem
-                continue
-            try:
-                _replace(copy, source.path)
-            except OSError as exc:
-                folder.pending[source.path] = f"cannot replace with stamped copy: {exc.strerror}"
-                continue
-            _mark_ready(folder, source)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        with contextlib.suppress(OSError):  # only when no other importer is using it
-            work.parent.rmdir()
-
-
-def _verify(folder: Folder, stamped: Iterable[str], runs: list[dcmtk.ToolRun],
-            utf8: bool) -> dict[str, str | None]:
-    """Read every stamped file back (exit codes and messages cannot be trusted, see
-    DESIGN.md). Returns path -> problem (None: the file carries the identity)."""
-    messages = [line for run in runs for line in run.lines if line.startswith("E: ")]
-    stamped = list(stamped)
-    checked = dcmtk.dump_tags(stamped, (dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME,
-                                               dcmtk.CHARSET))
-    problems: dict[str, str | None] = {}
-    for path in stamped:
-        problem = _identity_problem(checked[path], folder.patient, utf8)
-        if problem:
-            said = [m for m in messages if path in m]
-            problem = (f"the identity could not be written ({problem})"
-                       + (f"; dcmodify said: {' | '.join(said)}" if said else ""))
-        problems[path] = problem
-    return problems
-
-
-def _mark_ready(folder: Folder, source: SourceFile) -> None:
-    try:
-        st = os.lstat(source.path)
-    except OSError as exc:
-        folder.pending[source.path] = f"stamped file vanished: {exc.strerror}"
-        return
-    source.size, source.mtime_ns = st.st_size, st.st_mtime_ns
-    folder.ready.append(source)
-
-
 def _recover(settings: Settings, folder_name: str, recovered: list[str]) -> None:
     """Finish what a crashed run left half done in this folder, before looking at it."""
-    if restored := _recover_interrupted_stamp(settings, folder_name):
+    if restored := recover_interrupted_stamp(settings, folder_name):
         warn("%s: an interrupted run left %d files half-stamped; originals restored",
              display(folder_name), restored)
     plan_file = _plan_path(settings, folder_name)
@@ -464,261 +291,7 @@ def _recover_elsewhere(settings: Settings, skip: set[str], recovered: list[str])
 
 
 def _plan_path(settings: Settings, folder_name: str) -> Path:
-    return settings.state_dir / "archiving" / f"{_folder_hash(folder_name)}.json"
-
-
-def _intent_path(settings: Settings, folder_name: str) -> Path:
-    return settings.state_dir / "stamping" / f"{_folder_hash(folder_name)}.paths"
-
-
-def _write_intent(intent: Path, paths: list[str]) -> None:
-    intent.parent.mkdir(parents=True, exist_ok=True)
-    with open(intent, "wb") as fh:
-        fh.write(b"\0".join(os.fsencode(p) for p in paths))
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _recover_interrupted_stamp(settings: Settings, folder_name: str) -> int:
-    """Put back every <file>.bak a stamping of this folder left; return how many."""
-    intent = _intent_path(settings, folder_name)
-    try:
-        listed = intent.read_bytes()
-    except FileNotFoundError:
-        return 0
-    restored = 0
-    for raw in filter(None, listed.split(b"\0")):
-        path = os.fsdecode(raw)
-        if os.path.lexists(path + ".bak"):
-            os.replace(path + ".bak", path)
-            restored += 1
-    intent.unlink()
-    return restored
-
-
-def _stage_copies(folder: Folder, to_stamp: list[SourceFile], dumps: dict[str, dcmtk.Dump],
-                  work: Path, utf8: bool) -> dict[str, SourceFile]:
-    """Copies to stamp (dcmodify -nb rewrites in place; the original must survive a crash).
-
-    For a non-ASCII name, a file in another character set becomes UTF-8 first (dcmconv +U8,
-    in parallel); one labelled with a term DCMTK does not know (RELABEL_CHARSETS) is
-    relabelled on a copy first. A file that cannot be converted is quarantined, never sent.
-    """
-    copies: dict[str, SourceFile] = {}
-    conversions: list[tuple[SourceFile, str, str, str]] = []  # source, dcmconv input, copy, set
-    to_relabel: dict[str, list[str]] = {}  # standard term -> copies to relabel with it
-    for index, source in enumerate(to_stamp):
-        copy = str(work / f"{index}.dcm")
-        charset = dumps[source.path].values.get(dcmtk.CHARSET, "")
-        if not utf8 or charset in UTF8_CHARSETS:
-            target = copy  # stamped as it is
-        elif charset in RELABEL_CHARSETS:
-            target = str(work / f"{index}.relabelled.dcm")
-        else:
-            conversions.append((source, source.path, copy, charset))
-            continue
-        try:
-            shutil.copyfile(source.path, target)
-        except OSError as exc:
-            folder.pending[source.path] = f"cannot make a working copy: {exc.strerror}"
-            continue
-        if target == copy:
-            copies[copy] = source
-        else:
-            to_relabel.setdefault(RELABEL_CHARSETS[charset], []).append(target)
-            conversions.append((source, target, copy, charset))
-    for standard, paths in to_relabel.items():
-        dcmtk.set_charset(paths, standard)  # the conversion below is the verdict
-    if not conversions:
-        return copies
-    converted: dict[str, SourceFile] = {}
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        runs = pool.map(lambda c: dcmtk.convert_to_utf8(c[1], c[2]), conversions)
-        for (source, given, copy, charset), run in zip(conversions, runs, strict=True):
-            if given != source.path:
-                with contextlib.suppress(OSError):
-                    os.unlink(given)
-            if run.exit_code == 0 and os.path.exists(copy):
-                converted[copy] = source
-                continue
-            said = " | ".join(line for line in run.lines if line[:3] in ("E: ", "F: "))
-            why = (f"cannot convert character set {charset!r} to UTF-8 for the non-ASCII "
-                   f"name (dcmconv +U8 exit {run.exit_code}: {said})")
-            if given != source.path:
-                why += (f"; DICOM has no {charset!r} (Korean is only defined as a code "
-                        f"extension), so it was tried as {RELABEL_CHARSETS[charset]!r}: typically "
-                        "its Korean text is plain EUC-KR without the ESC $ ) C escape sequence "
-                        "DICOM requires before Korean in each value and name component. Fix "
-                        "the file at its source, or import it under an ASCII folder name "
-                        "(then its text is sent as it is, in its own character set)")
-            folder.to_quarantine[source.path] = why
-    # Not the exit code's word: the stamp adds ISO_IR 192 anyway, so check it is dcmconv's.
-    for copy, dump in dcmtk.dump_tags(list(converted), (dcmtk.CHARSET,)).items():
-        if dump.error or dump.values.get(dcmtk.CHARSET) != "ISO_IR 192":
-            folder.to_quarantine[converted[copy].path] = (
-                "dcmconv +U8 did not leave a UTF-8 file: "
-                + (dump.error or f"SpecificCharacterSet is {dump.values.get(dcmtk.CHARSET)!r}"))
-        else:
-            copies[copy] = converted[copy]
-    return copies
-
-
-def _identity_problem(dump: dcmtk.Dump, patient: Patient, utf8: bool) -> str | None:
-    if dump.error:
-        return f"unreadable after stamping: {dump.error}"
-    values = dump.values
-    if values.get(dcmtk.PATIENT_ID) != patient.id:
-        return f"PatientID is {values.get(dcmtk.PATIENT_ID)!r}"
-    if values.get(dcmtk.PATIENT_NAME) != patient.name:
-        if logs.hiding_names():
-            return "PatientName is not the folder's (value not shown: LOG_PATIENT_NAMES=false)"
-        return f"PatientName is {values.get(dcmtk.PATIENT_NAME)!r}"
-    if utf8 and values.get(dcmtk.CHARSET) != "ISO_IR 192":
-        return f"SpecificCharacterSet is {values.get(dcmtk.CHARSET)!r}, not ISO_IR 192"
-    return None
-
-
-def _replace(copy: str, original: str) -> None:
-    """Atomically put the stamped copy in place of the original."""
-    try:
-        os.replace(copy, original)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        sibling = os.path.join(os.path.dirname(original), ".importer-" + os.path.basename(original))
-        shutil.copyfile(copy, sibling)
-        os.replace(sibling, original)
-
-
-# --- [PHASE 2] send ---------------------------------------------------------------------------
-
-
-class Sender:
-    """Sends folders' verified files to every destination in parallel, a few associations
-    each, while the caller stamps the next folder."""
-
-    def __init__(self, settings: Settings, journal: Journal) -> None:
-        self.settings = settings
-        self.journal = journal
-        self.verifier = Verifier(settings, journal)
-        workers = sum(d.associations for d in settings.destinations)
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="storescu")
-        self.verify_pool = ThreadPoolExecutor(max_workers=len(settings.destinations),
-                                              thread_name_prefix="findscu")
-        self.futures: list[Future[None]] = []
-
-    def __enter__(self) -> Sender:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for future in self.futures:
-            if failure := future.exception():  # the files stay and are retried
-                error("sending stopped: %s", failure, exc_info=failure)
-        self.pool.shutdown(wait=True)
-        self.verify_pool.shutdown(wait=True)
-
-    def submit(self, folder: Folder) -> None:
-        if not folder.ready:
-            return
-        for destination in self.settings.destinations:
-            known = self.journal.lookup([f.key for f in folder.ready], destination.name)
-            todo = [f for f in folder.ready if not known[f.key].delivered]
-            retries = [f for f in todo if known[f.key].attempts]
-            if retries and self.verifier.applies(destination):
-                there = self.verifier.already_there(destination, folder.patient.id, retries)
-                todo = [f for f in todo if f.path not in there]
-            sends = []
-            if todo:
-                groups = _split(todo, destination)
-                event("PHASE 2", "%s: sending %d files to %s over %d association%s",
-                      display(folder.name), len(todo), destination.label, len(groups),
-                      "" if len(groups) == 1 else "s")
-                sends = [self.pool.submit(self._send, destination, transfer_syntax, group)
-                         for transfer_syntax, group in groups]
-                self.futures += sends
-            if self.verifier.applies(destination):
-                self.futures.append(
-                    self.verify_pool.submit(self._verify, destination, folder, sends))
-
-    def _verify(self, destination: Destination, folder: Folder,
-                sends: list[Future[None]]) -> None:
-        """Once this folder's sends to destination are done, ask the PACS what it holds."""
-        for send in sends:
-            send.exception()  # wait; failures are recorded per file
-        if not self.verifier.applies(destination):
-            return
-        known = self.journal.lookup([f.key for f in folder.ready], destination.name)
-        check = [f for f in folder.ready if known[f.key].delivered and not known[f.key].verified]
-        if check:
-            wrong = self.verifier.verify(destination, folder.patient.id, check)
-            folder.to_quarantine.update(wrong)
-
-    def _send(self, destination: Destination, transfer_syntax: str,
-              files: list[SourceFile]) -> None:
-        by_path = {f.path: f for f in files}
-        recorder = _AnswerRecorder(self.journal, destination.name, by_path)
-        try:
-            results, error = dcmtk.store(destination, list(by_path), transfer_syntax,
-                                         on_answer=recorder.add)
-        except (dcmtk.DcmtkMissing, dcmtk.Stopped) as exc:
-            results, error = {}, str(exc)
-        recorder.flush()
-        if error:
-            warn("%s: %s", destination.label, error)
-        for source in files:
-            if source.path not in recorder.recorded:
-                recorder.add(source.path, results.get(source.path)
-                             or dcmtk.StoreResult(dcmtk.Outcome.TRANSIENT, error))
-        recorder.flush()
-
-
-class _AnswerRecorder:
-    """Writes the PACS's answers to the journal while storescu is still running (at most
-    every 0.1 s: a few commits a second), so a crash mid-send resends only about the last
-    0.1 s of answers (and whatever an orphaned storescu sends after its parent died)."""
-
-    def __init__(self, journal: Journal, destination: str, files: dict[str, SourceFile]) -> None:
-        self.journal = journal
-        self.destination = destination
-        self.files = files
-        self.recorded: set[str] = set()
-        self.buffer: list[tuple[FileKey, bool, bool, str]] = []
-        self.last_flush = time.monotonic()
-
-    def add(self, path: str, result: dcmtk.StoreResult) -> None:
-        source = self.files.get(path)
-        if source is None or path in self.recorded:
-            return
-        self.recorded.add(path)
-        self.buffer.append((source.key, result.outcome is dcmtk.Outcome.DELIVERED,
-                            result.outcome is dcmtk.Outcome.PERMANENT, result.detail))
-        if time.monotonic() - self.last_flush > 0.1:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.buffer:
-            self.journal.record(self.destination, self.buffer)
-            self.buffer = []
-        self.last_flush = time.monotonic()
-
-
-def _split(files: list[SourceFile],
-           destination: Destination) -> list[tuple[str, list[SourceFile]]]:
-    """Associations to open: per transfer syntax (storescu proposes compressed syntaxes only
-    when told), each split over up to `associations` parallel associations."""
-    by_syntax: dict[str, list[SourceFile]] = {}
-    for source in files:
-        by_syntax.setdefault(dcmtk.proposal_for(source.transfer_syntax), []).append(source)
-    groups = []
-    for syntax, same in by_syntax.items():
-        count = max(1, min(destination.associations,
-                           math.ceil(len(same) / MIN_FILES_PER_ASSOCIATION)))
-        size = math.ceil(len(same) / count)
-        groups += [(syntax, same[i:i + size]) for i in range(0, len(same), size)]
-    return groups
-
-
-# --- [PHASE 3] archive, quarantine, report -------------------------------------------------------
+    return settings.state_dir / "archiving" / f"{folder_hash(folder_name)}.json"
 
 
 def _finish(folder: Folder, settings: Settings, journal: Journal, verifier: Verifier,

@@ -18,7 +18,7 @@ from importer.journal import Delivery, FileKey
 from importer.logs import MASK
 
 if TYPE_CHECKING:
-    from importer.pipeline import Folder, SourceFile
+    from importer.model import Folder, SourceFile
     from importer.verify import Verifier
 
 

@@ -346,7 +346,7 @@ def test_compressed_files_and_uncommon_sop_classes_are_delivered(site: Site,
 def test_a_crash_mid_stamp_costs_no_original(site: Site, storescp: StoreSCP) -> None:
     """The state dcmodify leaves when killed mid-write: original renamed to <file>.bak, the
     new file half written. The next run restores the original before anything else."""
-    from importer.pipeline import _intent_path, _write_intent
+    from importer.stamp import _intent_path, _write_intent
 
     site.use(storescp)
     folder = site.import_dir / "#31-Crash^Midway"

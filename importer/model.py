@@ -1,0 +1,60 @@
+"""What a batch works on: the files of a patient folder and what became of each."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from importer.config import Settings
+from importer.folders import Patient
+from importer.journal import FileKey
+
+
+@dataclass
+class SourceFile:
+    path: str  # absolute; undecodable bytes kept as surrogate escapes
+    rel: str
+    size: int
+    mtime_ns: int
+    transfer_syntax: str = ""  # from the first full read; stamping keeps it
+    sop_uid: str = ""  # for C-FIND verification and the receipt
+    study_uid: str = ""
+
+    @property
+    def key(self) -> FileKey:
+        return FileKey(self.path, self.size, self.mtime_ns)
+
+
+@dataclass
+class Folder:
+    name: str
+    path: Path
+    patient: Patient
+    files: list[SourceFile]
+    left: list[tuple[str, str]] = field(default_factory=list)  # (rel, why), stays in place
+    unsent: list[SourceFile] = field(default_factory=list)  # not DICOM / DICOMDIR: archived
+    to_quarantine: dict[str, str] = field(default_factory=dict)  # path -> reason
+    ready: list[SourceFile] = field(default_factory=list)  # verified identity, sendable
+    pending: dict[str, str] = field(default_factory=dict)  # path -> why it waits for retry
+    held: str | None = None
+    sent: int = 0
+    archived: int = 0
+    quarantined: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+def folder_hash(name: str) -> str:
+    return hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+
+
+# --- the batch ----------------------------------------------------------------------------
+
+
+def identity_label(patient: Patient, settings: Settings) -> str:
+    name = patient.name if settings.log_patient_names else "***"
+    return f"ID {patient.id} / name {name}"
+
+
+# --- [PHASE 1] stamp and verify --------------------------------------------------------------
