@@ -40,6 +40,29 @@ CREATE TABLE IF NOT EXISTS destination (
 """
 
 
+# One file's answer from one destination; a file replaced under the same name starts over.
+_UPSERT = (
+    "INSERT INTO delivery (path, destination, size, mtime_ns, delivered_at,"
+    " attempts, refusals, last_status, last_error, updated_at)"
+    " VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?)"
+    " ON CONFLICT (path, destination) DO UPDATE SET"
+    "  delivered_at = CASE WHEN size = excluded.size"
+    "    AND mtime_ns = excluded.mtime_ns AND delivered_at IS NOT NULL"
+    "    THEN delivered_at ELSE excluded.delivered_at END,"
+    "  attempts = CASE WHEN size = excluded.size AND mtime_ns = excluded.mtime_ns"
+    "    THEN attempts + 1 ELSE 1 END,"
+    "  refusals = CASE WHEN size = excluded.size AND mtime_ns = excluded.mtime_ns"
+    "    THEN refusals + excluded.refusals ELSE excluded.refusals END,"
+    "  verified_at = CASE WHEN size = excluded.size"
+    "    AND mtime_ns = excluded.mtime_ns THEN verified_at END,"
+    "  not_found = CASE WHEN size = excluded.size"
+    "    AND mtime_ns = excluded.mtime_ns THEN not_found ELSE 0 END,"
+    "  size = excluded.size, mtime_ns = excluded.mtime_ns,"
+    "  last_status = excluded.last_status, last_error = excluded.last_error,"
+    "  updated_at = excluded.updated_at"
+)
+
+
 @dataclass(frozen=True)
 class FileKey:
     path: str
@@ -105,38 +128,18 @@ class Journal:
     ) -> None:
         """Store (key, delivered, refused, status) per file after a send, in one transaction."""
         now = time.time()
-        last_success: float | None = None
-        last_failure: str | None = None
+        outcomes = list(outcomes)
+        delivered_any = any(delivered for _k, delivered, _r, _s in outcomes)
+        failures = [status for _k, delivered, _r, status in outcomes if not delivered]
+        last_success = now if delivered_any else None
+        last_failure = failures[-1] if failures else None
         with self.lock, self.db:
             self.db.execute("BEGIN IMMEDIATE")
-            for key, delivered, refused, status in outcomes:
-                self.db.execute(
-                    "INSERT INTO delivery (path, destination, size, mtime_ns, delivered_at,"
-                    " attempts, refusals, last_status, last_error, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?)"
-                    " ON CONFLICT (path, destination) DO UPDATE SET"
-                    "  delivered_at = CASE WHEN size = excluded.size"
-                    "    AND mtime_ns = excluded.mtime_ns AND delivered_at IS NOT NULL"
-                    "    THEN delivered_at ELSE excluded.delivered_at END,"
-                    "  attempts = CASE WHEN size = excluded.size AND mtime_ns = excluded.mtime_ns"
-                    "    THEN attempts + 1 ELSE 1 END,"
-                    "  refusals = CASE WHEN size = excluded.size AND mtime_ns = excluded.mtime_ns"
-                    "    THEN refusals + excluded.refusals ELSE excluded.refusals END,"
-                    "  verified_at = CASE WHEN size = excluded.size"
-                    "    AND mtime_ns = excluded.mtime_ns THEN verified_at END,"
-                    "  not_found = CASE WHEN size = excluded.size"
-                    "    AND mtime_ns = excluded.mtime_ns THEN not_found ELSE 0 END,"
-                    "  size = excluded.size, mtime_ns = excluded.mtime_ns,"
-                    "  last_status = excluded.last_status, last_error = excluded.last_error,"
-                    "  updated_at = excluded.updated_at",
-                    (os.fsencode(key.path), destination, key.size, key.mtime_ns,
-                     now if delivered else None, int(refused), status,
-                     None if delivered else status, now),
-                )
-                if delivered:
-                    last_success = now
-                else:
-                    last_failure = status
+            self.db.executemany(_UPSERT, (
+                (os.fsencode(key.path), destination, key.size, key.mtime_ns,
+                 now if delivered else None, int(refused), status,
+                 None if delivered else status, now)
+                for key, delivered, refused, status in outcomes))
             self.db.execute("INSERT INTO destination (name) VALUES (?) ON CONFLICT DO NOTHING",
                             (destination,))
             if last_success is not None:

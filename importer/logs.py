@@ -101,6 +101,14 @@ def _redact_value(value: Any) -> Any:
 
 
 class _RedactingJsonFormatter(JsonFormatter):
+    def format(self, record: logging.LogRecord) -> str:
+        # log.log and the batch's log get the same line: encode a (large) record once.
+        text = getattr(record, "_importer_json", None)
+        if text is None:
+            text = super().format(record)
+            record._importer_json = text  # type: ignore[attr-defined]
+        return text
+
     def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
         log_data = super().process_log_record(log_data)
         return _redact_value(log_data) if _hidden_pattern is not None else log_data
@@ -116,7 +124,18 @@ class ConsoleFormatter(logging.Formatter):
         return redact(text)
 
 
+_JSON_FORMATTER: JsonFormatter | None = None
+
+
 def _json_formatter() -> JsonFormatter:
+    """One formatter for every JSON handler, so a record is encoded once (see format)."""
+    global _JSON_FORMATTER
+    if _JSON_FORMATTER is None:
+        _JSON_FORMATTER = _make_json_formatter()
+    return _JSON_FORMATTER
+
+
+def _make_json_formatter() -> JsonFormatter:
     return _RedactingJsonFormatter(
         "{asctime}{levelname}{name}{message}",
         style="{",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import stat
 import time
@@ -159,25 +160,31 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
         if not folders:
             return report
 
-        dumps = _validate(folders)
-        _check_patients(folders, dumps, settings)
+        all_files = [f.path for folder in folders for f in folder.files]
+        event("PHASE 1.5", "Validating %d files in %d folders", len(all_files), len(folders))
+        magic = dcmtk.dicom_magic(all_files)  # one call for the batch: cheap
+        del all_files
         if settings.dry_run:
-            _describe(folders, dumps, settings)
+            for folder in folders:
+                _read_originals(folder, magic, settings)
+                _describe(folder, settings)
             return report
-        for folder in folders:
-            _remember_held(settings, folder)
 
         journal = Journal(settings.state_dir)
         journal.forget(recovered)
         try:
             with Sender(settings, journal) as sender:
                 for folder in folders:
-                    if folder.held:
-                        continue
+                    # Folder by folder (memory stays flat in the batch's size, and this
+                    # overlaps the previous folder's send): read, check, stamp, send.
                     try:
-                        stamp(folder, dumps, settings)
+                        dumps = _read_originals(folder, magic, settings)
+                        _remember_held(settings, folder)
+                        if not folder.held:
+                            stamp(folder, dumps, settings)
                     except dcmtk.Stopped:
                         break  # shutting down: archive what was delivered, leave the rest
+                    del dumps
                     sender.submit(folder)
             for folder in folders:
                 _finish(folder, settings, journal, sender.verifier, batch_stamp)
@@ -186,56 +193,53 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
     return report
 
 
-def _validate(folders: list[Folder]) -> dict[str, dcmtk.Dump]:
-    """[PHASE 1.5]: DICM magic for all files, then one full read of every DICOM file."""
-    all_files = [f.path for folder in folders for f in folder.files]
-    event("PHASE 1.5", "Validating %d files in %d folders", len(all_files), len(folders))
-    magic = dcmtk.dicom_magic(all_files)
-    dicom = [path for path in all_files if magic[path]]
-    dumps = dcmtk.dump_tags(dicom, ORIGINAL_TAGS)
-    for folder in folders:
-        candidates = []
-        for source in folder.files:
-            dump = dumps.get(source.path)
-            if dump is None:
-                warn("Not a DICOM file: %s/%s (archived with its folder, not sent)",
-                     display(folder.name), display(source.rel))
-                folder.unsent.append(source)
-            elif dump.error:
-                folder.to_quarantine[source.path] = f"DCMTK cannot read this file: {dump.error}"
-            elif (dump.values.get(dcmtk.MEDIA_STORAGE_SOP_CLASS) == DICOMDIR_SOP_CLASS
-                  or os.path.basename(source.path).upper() == "DICOMDIR"):
-                folder.unsent.append(source)  # a CD's index, not an image: never sent
-            else:
-                source.transfer_syntax = dump.values.get(dcmtk.TRANSFER_SYNTAX, "")
-                source.sop_uid = dump.values.get(dcmtk.SOP_INSTANCE_UID, "")
-                source.study_uid = dump.values.get(dcmtk.STUDY_INSTANCE_UID, "")
-                candidates.append(source)
-        folder.files = candidates
+def _read_originals(folder: Folder, magic: dict[str, bool],
+                    settings: Settings) -> dict[str, dcmtk.Dump]:
+    """[PHASE 1.5] for one folder: one full read of its DICOM files (a truncated file is
+    caught here), sorting out non-DICOM files, DICOMDIRs and unreadable files; then the
+    two-patients check on what the files said before stamping."""
+    dumps = dcmtk.dump_tags([f.path for f in folder.files if magic[f.path]], ORIGINAL_TAGS)
+    candidates = []
+    for source in folder.files:
+        dump = dumps.get(source.path)
+        if dump is None:
+            warn("Not a DICOM file: %s/%s (archived with its folder, not sent)",
+                 display(folder.name), display(source.rel))
+            folder.unsent.append(source)
+        elif dump.error:
+            folder.to_quarantine[source.path] = f"DCMTK cannot read this file: {dump.error}"
+        elif (dump.values.get(dcmtk.MEDIA_STORAGE_SOP_CLASS) == DICOMDIR_SOP_CLASS
+              or os.path.basename(source.path).upper() == "DICOMDIR"):
+            folder.unsent.append(source)  # a CD's index, not an image: never sent
+        else:
+            source.transfer_syntax = dump.values.get(dcmtk.TRANSFER_SYNTAX, "")
+            source.sop_uid = dump.values.get(dcmtk.SOP_INSTANCE_UID, "")
+            source.study_uid = dump.values.get(dcmtk.STUDY_INSTANCE_UID, "")
+            candidates.append(source)
+    folder.files = candidates
+    _check_patients(folder, dumps, settings)
     return dumps
 
 
-def _check_patients(folders: list[Folder], dumps: dict[str, dcmtk.Dump],
-                    settings: Settings) -> None:
+def _check_patients(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -> None:
     """Two people in one folder (two CDs copied together) must never be merged."""
-    for folder in folders:
-        values = [dumps[f.path].values for f in folder.files]
-        births = {v.get(dcmtk.BIRTH_DATE) for v in values} - {None, ""}
-        sexes = {v.get(dcmtk.SEX) for v in values} - {None, ""}
-        ids = {v.get(dcmtk.PATIENT_ID) for v in values} - {None, ""}
-        if len(births) > 1 or len(sexes) > 1:
-            what = (f"birth dates {sorted(births)}" if len(births) > 1 else "") + (
-                f" sexes {sorted(sexes)}" if len(sexes) > 1 else "")
-            message = f"files disagree on {what.strip()}: this folder may hold two patients"
-            if settings.mixed_patients == "hold":
-                folder.held = message
-                warn("%s: %s; held, nothing stamped or sent (MIXED_PATIENTS=hold)",
-                     display(folder.name), message)
-            elif settings.mixed_patients == "warn":
-                warn("%s: %s; sending anyway (MIXED_PATIENTS=warn)", display(folder.name), message)
-        elif len(ids) > 1:
-            warn("%s: files carry %d different original patient IDs; birth date and sex agree,"
-                 " so they are stamped as one patient", display(folder.name), len(ids))
+    values = [dumps[f.path].values for f in folder.files]
+    births = {v.get(dcmtk.BIRTH_DATE) for v in values} - {None, ""}
+    sexes = {v.get(dcmtk.SEX) for v in values} - {None, ""}
+    ids = {v.get(dcmtk.PATIENT_ID) for v in values} - {None, ""}
+    if len(births) > 1 or len(sexes) > 1:
+        what = (f"birth dates {sorted(births)}" if len(births) > 1 else "") + (
+            f" sexes {sorted(sexes)}" if len(sexes) > 1 else "")
+        message = f"files disagree on {what.strip()}: this folder may hold two patients"
+        if settings.mixed_patients == "hold":
+            folder.held = message
+            warn("%s: %s; held, nothing stamped or sent (MIXED_PATIENTS=hold)",
+                 display(folder.name), message)
+        elif settings.mixed_patients == "warn":
+            warn("%s: %s; sending anyway (MIXED_PATIENTS=warn)", display(folder.name), message)
+    elif len(ids) > 1:
+        warn("%s: files carry %d different original patient IDs; birth date and sex agree,"
+             " so they are stamped as one patient", display(folder.name), len(ids))
 
 
 def _remember_held(settings: Settings, folder: Folder) -> None:
@@ -249,14 +253,13 @@ def _remember_held(settings: Settings, folder: Folder) -> None:
         note.unlink(missing_ok=True)
 
 
-def _describe(folders: list[Folder], dumps: dict[str, dcmtk.Dump], settings: Settings) -> None:
+def _describe(folder: Folder, settings: Settings) -> None:
     targets = ", ".join(d.label for d in settings.destinations)
-    for folder in folders:
-        event("DRY-RUN", "%s: would stamp %d files as %s and send them to %s; "
-              "%d not DICOM (archive unsent); %d unreadable (quarantine)%s",
-              display(folder.name), len(folder.files), identity_label(folder.patient, settings),
-              targets, len(folder.unsent), len(folder.to_quarantine),
-              f"; HELD: {folder.held}" if folder.held else "")
+    event("DRY-RUN", "%s: would stamp %d files as %s and send them to %s; "
+          "%d not DICOM (archive unsent); %d unreadable (quarantine)%s",
+          display(folder.name), len(folder.files), identity_label(folder.patient, settings),
+          targets, len(folder.unsent), len(folder.to_quarantine),
+          f"; HELD: {folder.held}" if folder.held else "")
 
 
 def _recover(settings: Settings, folder_name: str, recovered: list[str]) -> None:
@@ -393,8 +396,18 @@ def _finish(folder: Folder, settings: Settings, journal: Journal, verifier: Veri
               display(plan.receipt_path or ""), outcome.receipt_error)
     journal.forget(archived)
     remove_empty_dirs(folder.path)
+    # One line per reason, not per file: a PACS that is down must not write 10,000 lines.
+    by_reason: dict[str, list[str]] = {}
     for path, why in folder.pending.items():
-        warn("%s: left for retry: %s", display(os.path.relpath(path, settings.import_dir)), why)
+        by_reason.setdefault(why, []).append(path)
+        event("INFO", "%s: left for retry: %s", display(os.path.relpath(path, settings.import_dir)),
+              why, level=logging.DEBUG)  # every file, in the JSON logs
+    for why, paths in by_reason.items():
+        first = display(os.path.relpath(paths[0], settings.import_dir))
+        if len(paths) == 1:
+            warn("%s: left for retry: %s", first, why)
+        else:
+            warn("%s and %d more files: left for retry: %s", first, len(paths) - 1, why)
     event("INFO", "%s: %d sent, %d not DICOM (archived unsent), %d quarantined,"
           " %d left for retry, %d left in place, %.2f s",
           display(folder.name), folder.sent, len(folder.unsent) if not folder.pending else 0,
