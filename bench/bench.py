@@ -44,6 +44,7 @@ RECEIVERS = {
 }
 FOLDER_RE = re.compile(r"^#([0-9]+)-([#^A-Za-z0-9]+)$")  # as in legacy-pipeline.sh
 KEEP = False  # --keep: leave every run's directories for inspection
+VERIFY = "auto"  # --verify: PACS_VERIFY for the importer
 RSS_NOTE = (
     "importer RSS = peak VmHWM of the importer's Python process, sampled every 20 ms; "
     "tree RSS = ru_maxrss from wait4 (max over it and its DCMTK children)"
@@ -221,6 +222,7 @@ def run_importer(imp: Path, archive: Path, t: Target, work: Path) -> Run:
         PACS_SERVER_IP=t.host,
         PACS_SERVER_PORT=str(t.port),
         PACS_AET=t.aet,
+        PACS_VERIFY=VERIFY,
         **dirs,
     )
     log = work / "importer.out"
@@ -406,9 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--keep", action="store_true", help="keep all run directories (debugging)")
+    p.add_argument("--verify", choices=["auto", "none"], default="auto",
+                   help="the importer's C-FIND verification (PACS_VERIFY), to measure its cost")
     args = p.parse_args(argv)
-    global KEEP
+    global KEEP, VERIFY
     KEEP = args.keep
+    VERIFY = args.verify
     methods = [m for m in METHODS if m in args.methods.split(",")]
     receivers = ["storescp", "orthanc"] if args.receiver == "both" else [args.receiver]
     if "legacy" in methods and not LEGACY.is_file():
