@@ -29,15 +29,11 @@ class ArchiveError(OSError):
 
 def move_file(source: Path, target: Path) -> Path:
     """Move source to target (or target.1, target.2… if taken); return where it went."""
+    target = free_name(target)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target = free_name(target)
-        try:
-            os.rename(source, target)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            _copy_then_unlink(source, target)
+        if not os.path.lexists(source):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(source))
+        _move_exact(source, target)
     except OSError as exc:
         raise ArchiveError(exc.errno, f"cannot move {source} to {target}: {exc.strerror}") from None
     return target
@@ -166,15 +162,15 @@ class Plan:
 
 
 @dataclass
-class Outcome:
+class PlanResult:
     moved: list[str] = field(default_factory=list)  # sources now at their target
     failed: dict[str, str] = field(default_factory=dict)  # source -> why it stays
     receipt_error: str | None = None
 
 
-def carry_out(plan: Plan) -> Outcome:
+def carry_out(plan: Plan) -> PlanResult:
     """Do (or finish) what the plan says; safe to repeat after a crash at any point."""
-    outcome = Outcome()
+    outcome = PlanResult()
     for source, target in plan.moves:
         reason = plan.reasons.get(target)
         try:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from importer import dcmtk, logs
-from importer.archive import Outcome, Plan, carry_out, free_name, remove_empty_dirs
+from importer.archive import Plan, PlanResult, carry_out, free_name, remove_empty_dirs
 from importer.config import Settings
 from importer.folders import Patient, display, parse_folder_name
 from importer.journal import Journal
@@ -372,7 +372,7 @@ def _finish(folder: Folder, settings: Settings, journal: Journal, verifier: Veri
     if placed:
         plan.receipt_path = str(receipt_path(target_root))
         plan.receipt = build_receipt(target_root, folder, placed, deliveries, settings, verifier)
-    outcome = Outcome()
+    outcome = PlanResult()
     if plan.moves:
         plan_file = _plan_path(settings, folder.name)
         plan.save(plan_file)
