@@ -22,7 +22,14 @@ from tests.receivers import Orthanc
 IMPORTER = str(Path(sys.executable).parent / "importer")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    # Explicit: a job started in the background begins with SIGINT ignored.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--var", type=Path, default=Path("var"))
     parser.add_argument("--delay", type=int, default=5, help="quiet period (DELAY), seconds")
