@@ -157,10 +157,24 @@ def setup(log_dir: Path | None, *, verbose: bool = False) -> None:
     console.setFormatter(ConsoleFormatter())
     root.addHandler(console)
     if log_dir is not None:
+        _set_aside_legacy_log(log_dir / "log.log")
         all_runs = logging.FileHandler(log_dir / "log.log", encoding="utf-8",
                                        errors="backslashreplace")
         all_runs.setFormatter(_json_formatter())
         root.addHandler(all_runs)
+
+
+def _set_aside_legacy_log(path: Path) -> None:
+    """The old scripts wrote plain text to log.log; keep it, under another name, rather
+    than append JSON lines to it (tools reading log.log expect one format)."""
+    try:
+        with open(path, "rb") as fh:
+            first = fh.readline().strip()
+    except OSError:
+        return
+    if first and not first.startswith(b"{"):
+        with contextlib.suppress(OSError):
+            path.rename(path.with_name(f"log.log.scripts-{time.strftime('%Y%m%d-%H%M%S')}"))
 
 
 @contextlib.contextmanager

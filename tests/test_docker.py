@@ -486,10 +486,13 @@ def test_watch_service_as_puid(engine: Engine, image: str, tmp_path: Path) -> No
                   and len(receiver.received()) == n_expected, 120,
                   "the folders to be delivered and archived", diagnose)
             _check_delivered(site, receiver, folders, 4)
-            # The entrypoint gave the importer its log (kept, appended to) and the archive
-            # dir itself, but not the archive's old contents.
+            # The entrypoint gave the importer its log dir (the old plain-text log is kept
+            # aside, the new log.log is JSON and the importer's) and the archive dir itself,
+            # but not the archive's old contents.
+            (kept,) = old_log.parent.glob("log.log.scripts-*")
+            assert kept.read_text() == "old scripts' log line\n"
             assert old_log.stat().st_uid == site.uid
-            assert old_log.read_text().startswith("old scripts' log line\n")
+            assert old_log.read_text().startswith("{")
             assert len(old_log.read_text().splitlines()) > 1
             assert (site.dicom / "archived").stat().st_uid == site.uid
             assert (old_batch / "IM1.dcm").stat().st_uid == 0

@@ -140,3 +140,18 @@ def test_prune_goes_on_past_what_it_cannot_delete(site: Site) -> None:
     assert "could not delete all of archive" in result.stderr and "a.dcm" in result.stderr
     assert not other_batch.exists(), "the next batch was still pruned"
     assert stuck.exists()
+
+
+def test_the_old_scripts_plain_text_log_is_kept_aside_not_mixed(site: Site,
+                                                                 storescp: StoreSCP) -> None:
+    site.use(storescp)
+    site.log_dir.mkdir()
+    (site.log_dir / "log.log").write_text("[Watcher] Lock acquired\n[PHASE 1] ...\n")
+    make_ct(site.import_dir / "#24-Old^Log" / "a.dcm", rows=16)
+    assert site.run().returncode == 0
+    (old,) = site.log_dir.glob("log.log.scripts-*")
+    assert old.read_text().startswith("[Watcher] Lock acquired")
+    records = site.log_records()  # every line of the new log.log is JSON
+    assert records and all(isinstance(r, dict) for r in records)
+    assert site.run().returncode == 0
+    assert len(list(site.log_dir.glob("log.log.scripts-*"))) == 1, "set aside once"
