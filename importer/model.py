@@ -10,6 +10,7 @@ from pathlib import Path
 from importer.config import Settings
 from importer.folders import Patient
 from importer.journal import FileKey
+from importer.logs import MASK
 
 
 @dataclass
@@ -40,21 +41,16 @@ class Folder:
     pending: dict[str, str] = field(default_factory=dict)  # path -> why it waits for retry
     held: str | None = None
     sent: int = 0
-    archived: int = 0
     quarantined: int = 0
     started: float = field(default_factory=time.monotonic)
 
 
 def folder_hash(name: str) -> str:
+    """A folder's name as a file name (locks, intents, plans): fixed length, any bytes."""
     return hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:20]
 
 
-# --- the batch ----------------------------------------------------------------------------
-
-
 def identity_label(patient: Patient, settings: Settings) -> str:
-    name = patient.name if settings.log_patient_names else "***"
+    """The identity as logs may show it (the name masked under LOG_PATIENT_NAMES=false)."""
+    name = patient.name if settings.log_patient_names else MASK
     return f"ID {patient.id} / name {name}"
-
-
-# --- [PHASE 1] stamp and verify --------------------------------------------------------------

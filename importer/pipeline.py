@@ -74,6 +74,15 @@ def scan_import_dir(settings: Settings) -> tuple[list[tuple[str, Patient]], list
     return matched, unmatched
 
 
+def warn_unmatched(names: list[str], quiet: set[str] | None = None) -> None:
+    """One [WARN] per entry left alone; with quiet (watch), once per process, not per scan."""
+    for name in names:
+        if quiet is None or name not in quiet:
+            warn("Pattern does not match: %s (left untouched, not sent)", display(name))
+            if quiet is not None:
+                quiet.add(name)
+
+
 def list_files(top: Path) -> tuple[list[SourceFile], list[tuple[str, str]]]:
     """Regular files under top; symlinks and special files are listed apart, untouched."""
     files: list[SourceFile] = []
@@ -128,11 +137,7 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
     report = BatchReport()
     batch_stamp = time.strftime("%Y%m%d_%H%M%S")
     matched, report.unmatched = scan_import_dir(settings)
-    for name in report.unmatched:
-        if quiet_unmatched is None or name not in quiet_unmatched:
-            warn("Pattern does not match: %s (left untouched, not sent)", display(name))
-            if quiet_unmatched is not None:
-                quiet_unmatched.add(name)
+    warn_unmatched(report.unmatched, quiet_unmatched)
     if only is not None:
         matched = [(name, patient) for name, patient in matched if name in only]
 
@@ -390,7 +395,6 @@ def _finish(folder: Folder, settings: Settings, journal: Journal, verifier: Veri
                  display(quarantine_rel[path]), display(str(failed_root)),
                  folder.to_quarantine[path])
             folder.quarantined += 1
-    folder.archived = len(archived) - folder.quarantined
     if outcome.receipt_error:
         error("%s: the receipt %s could not be written: %s", display(folder.name),
               display(plan.receipt_path or ""), outcome.receipt_error)

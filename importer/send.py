@@ -112,7 +112,6 @@ class Sender:
                              or dcmtk.StoreResult(dcmtk.Outcome.TRANSIENT, error))
         recorder.flush()
 
-
     def _note_pace(self, destination: str, seconds: float) -> None:
         with self.pace_lock:
             old = self.pace.get(destination)
@@ -146,7 +145,7 @@ class _AnswerRecorder:
         self.last_answer = now
         self.buffer.append((source.key, result.outcome is dcmtk.Outcome.DELIVERED,
                             result.outcome is dcmtk.Outcome.PERMANENT, result.detail))
-        if time.monotonic() - self.last_flush > 0.1:
+        if now - self.last_flush > 0.1:
             self.flush()
 
     def flush(self) -> None:

@@ -32,16 +32,14 @@ UTF8_CHARSETS = ("", "ISO_IR 6", "ISO_IR 192")
 # every value/component, and fails loudly (the file is quarantined) on plain EUC-KR.
 RELABEL_CHARSETS = {"ISO_IR 149": "\\ISO 2022 IR 149", "ISO 2022 IR 149": "\\ISO 2022 IR 149"}
 
+
 def stamp(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -> None:
-    """Give every file its folder's identity through a verified copy, then swap it in."""
+    """Give every file its folder's identity; the files that carry it become ready."""
     patient = folder.patient
     utf8 = not patient.is_ascii()
     to_stamp: list[SourceFile] = []
     for source in folder.files:
-        values = dumps[source.path].values
-        if (values.get(dcmtk.PATIENT_ID) == patient.id
-                and values.get(dcmtk.PATIENT_NAME) == patient.name
-                and (not utf8 or values.get(dcmtk.CHARSET) == "ISO_IR 192")):
+        if _identity_problem(dumps[source.path], patient, utf8) is None:
             folder.ready.append(source)  # already stamped by an earlier run
         else:
             to_stamp.append(source)
@@ -123,8 +121,7 @@ def _verify(folder: Folder, stamped: Iterable[str], runs: list[dcmtk.ToolRun],
     DESIGN.md). Returns path -> problem (None: the file carries the identity)."""
     messages = [line for run in runs for line in run.lines if line.startswith("E: ")]
     stamped = list(stamped)
-    checked = dcmtk.dump_tags(stamped, (dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME,
-                                               dcmtk.CHARSET))
+    checked = dcmtk.dump_tags(stamped, (dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME, dcmtk.CHARSET))
     problems: dict[str, str | None] = {}
     for path in stamped:
         problem = _identity_problem(checked[path], folder.patient, utf8)
@@ -267,6 +264,3 @@ def _replace(copy: str, original: str) -> None:
         sibling = os.path.join(os.path.dirname(original), ".importer-" + os.path.basename(original))
         shutil.copyfile(copy, sibling)
         os.replace(sibling, original)
-
-
-# --- [PHASE 2] send ---------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from importer.config import Settings
 from importer.debounce import QuietTimers
 from importer.folders import display, parse_folder_name
 from importer.logs import event, warn
-from importer.pipeline import list_files, run_batch
+from importer.pipeline import list_files, run_batch, scan_import_dir, warn_unmatched
 from importer.retention import prune, seconds_until_daily
 
 WATCH_MASK = (flags.CREATE | flags.MOVED_TO | flags.CLOSE_WRITE | flags.MOVED_FROM
@@ -203,15 +203,10 @@ class Watcher:
         if not startup:
             self._add_tree(self.root)
         now_wall, now_mono = time.time(), time.monotonic()
-        with os.scandir(self.root) as entries:
-            names = [e.name for e in entries if not e.name.startswith((".", "@"))]
+        matched, unmatched = scan_import_dir(self.settings)
+        warn_unmatched(unmatched, self.quiet_unmatched)
         pending = self.timers.pending()
-        for name in sorted(names):
-            if parse_folder_name(name, self.settings.folder_pattern) is None:
-                if name not in self.quiet_unmatched:
-                    warn("Pattern does not match: %s (left untouched, not sent)", display(name))
-                    self.quiet_unmatched.add(name)
-                continue
+        for name, _patient in matched:
             if name in pending:
                 continue
             newest, fingerprint = scan_folder(Path(self.root) / name)
