@@ -223,6 +223,7 @@ def run_importer(imp: Path, archive: Path, t: Target, work: Path) -> Run:
         PACS_SERVER_PORT=str(t.port),
         PACS_AET=t.aet,
         PACS_VERIFY=VERIFY,
+        SETTLE_SECONDS="0",  # the corpus was written a moment ago; leases are still checked
         **dirs,
     )
     log = work / "importer.out"

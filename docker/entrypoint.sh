@@ -86,5 +86,15 @@ case ${SKIP_CHOWN:-false} in
         ;;
 esac
 
+# CAP_LEASE (compose: cap_add: [LEASE]) lets the importer ask, by a read lease, whether any
+# process (smbd, another container) still has a file open for writing, also for files it
+# does not own. Kept across the switch to PUID as an ambient capability, and only that one.
+KEEP_LEASE=""
+if setpriv -d 2>/dev/null | grep -q '^Capability bounding set:.*[ ,]lease\(,\|$\)'; then
+    KEEP_LEASE="--inh-caps=+lease --ambient-caps=+lease"
+fi
+
 export HOME=/nonexistent USER=importer LOGNAME=importer
-exec setpriv --reuid="$PUID" --regid="$PGID" --clear-groups --no-new-privs -- $TINI "$@"
+# shellcheck disable=SC2086
+exec setpriv --reuid="$PUID" --regid="$PGID" --clear-groups $KEEP_LEASE --no-new-privs \
+    -- $TINI "$@"

@@ -52,10 +52,15 @@ def _copy_then_unlink(source: Path, target: Path) -> None:
     partial = target.with_name(target.name + ".partial")
     try:
         with open(source, "rb") as src, open(partial, "wb") as dst:
+            before = os.fstat(src.fileno())
             shutil.copyfileobj(src, dst, 1024 * 1024)
             dst.flush()
             os.fsync(dst.fileno())
-        if os.path.getsize(partial) != os.path.getsize(source):
+        after = os.lstat(source)
+        if (after.st_ino, after.st_size, after.st_mtime_ns) != (
+                before.st_ino, before.st_size, before.st_mtime_ns):
+            raise OSError(errno.EAGAIN, "the file changed while being copied")
+        if os.path.getsize(partial) != after.st_size:
             raise OSError(errno.EIO, "copy is incomplete")
         shutil.copystat(source, partial)
         os.rename(partial, target)

@@ -66,6 +66,8 @@ class Settings:
     log_retention_days: int = 30  # 0 keeps logs forever
     archive_retention_days: int = 90  # 0 keeps archives forever
     log_patient_names: bool = True
+    settle_seconds: int = 5  # a file changed more recently than this is still being written
+    incomplete_grace: int = 3600  # an unreadable file unchanged this long is broken, not late
     dry_run: bool = False
 
 
@@ -90,6 +92,8 @@ _SCALARS: dict[str, tuple[str, Any]] = {
     "log_retention_days": ("LOG_RETENTION_DAYS", 30),
     "archive_retention_days": ("ARCHIVE_RETENTION_DAYS", 90),
     "log_patient_names": ("LOG_PATIENT_NAMES", True),
+    "settle_seconds": ("SETTLE_SECONDS", 5),
+    "incomplete_grace": ("INCOMPLETE_GRACE", 3600),
 }
 
 # Environment variables of the old scripts, per destination: field -> variable.
@@ -154,6 +158,8 @@ def load_settings(
         log_retention_days=get("log_retention_days", _int_range(0, 36500)),
         archive_retention_days=get("archive_retention_days", _int_range(0, 36500)),
         log_patient_names=get("log_patient_names", _bool),
+        settle_seconds=get("settle_seconds", _int_range(0, 86400)),
+        incomplete_grace=get("incomplete_grace", _int_range(0, 30 * 86400)),
         dry_run=bool(flags.get("dry_run", False)),
     )
     _check_dirs(settings, raw, create=create_dirs and not settings.dry_run)

@@ -245,11 +245,14 @@ SOP_INSTANCE_UID = "0008,0018"
 STUDY_INSTANCE_UID = "0020,000d"
 MEDIA_STORAGE_SOP_CLASS = "0002,0002"
 TRANSFER_SYNTAX = "0002,0010"
+SOP_CLASS = "0008,0016"
+ROWS = "0028,0010"
+PIXEL_DATA_TAGS = ("7fe0,0010", "7fe0,0008", "7fe0,0009")  # integer, float, double float
 
 _HEADER = re.compile(r"^# dcmdump \(\d+/\d+\): (?P<path>.*)$")
 _ELEMENT = re.compile(
     r"^\((?P<tag>[0-9a-f]{4},[0-9a-f]{4})\) (?P<vr>[A-Z]{2}) "
-    r"(?:\[(?P<value>.*)\]|\(no value available\)|.*?)\s+#\s*\d+,"
+    r"(?:\[(?P<value>.*)\]|\(no value available\)|.*?)\s+#\s*(?:\d+|u/l),"
 )
 _READ_ERROR = re.compile(r"^E: dcmdump: (?P<reason>.*?): reading file: (?P<path>.*)$")
 
@@ -265,15 +268,16 @@ class Dump:
 def dump_tags(paths: Sequence[str], tags: Iterable[str]) -> dict[str, Dump]:
     """Read the given tags of many files in one dcmdump call per chunk.
 
-    dcmdump loads each file completely, so a truncated or corrupt file is reported here
-    as an error even when its header reads fine.
+    dcmdump parses each file completely, so a truncated or corrupt file is reported here
+    as an error even when its header reads fine; -M leaves long values (pixel data) unloaded,
+    so a tag asked for that holds one is present with an empty value.
     """
     tag_args = [arg for tag in tags for arg in ("+P", tag)]
     # -Un: UIDs as numbers; by default a well-known one prints as `=Name`, not `[uid]`.
     parser = _DumpParser()
     for chunk in chunked(paths, fixed_bytes=sum(len(a) + 9 for a in tag_args)):
         parser.current = None
-        run("dcmdump", ["+F", "+L", "+p", "-Un", *tag_args, *chunk], on_line=parser)
+        run("dcmdump", ["-M", "+F", "+L", "+p", "-Un", *tag_args, *chunk], on_line=parser)
     dumps = parser.dumps
     for path in paths:
         if path not in dumps:

@@ -1,7 +1,9 @@
 """Which file reached which destination: SQLite in STATE_DIR.
 
-A file is known by its path, size and modification time, so a file replaced under the
-same name starts over. After a crash the next run sends each file only to the
+A file is known by its path, size, modification time and change time (ctime, which no
+user-space write can set back), so a file rewritten or replaced under the same name starts
+over; the journal counts how many earlier versions of it a PACS had acknowledged
+("superseded"). After a crash the next run sends each file only to the
 destinations that have not acknowledged it, and counts refusals toward quarantine.
 """
 
@@ -29,6 +31,8 @@ CREATE TABLE IF NOT EXISTS delivery (
     updated_at   REAL    NOT NULL,
     verified_at  REAL,              -- the PACS listed it (C-FIND) under the folder's ID
     not_found    INTEGER NOT NULL DEFAULT 0,  -- acknowledged, then not listed by C-FIND
+    ctime_ns     INTEGER,           -- NULL in rows of versions before it was recorded
+    superseded   INTEGER NOT NULL DEFAULT 0,  -- earlier versions this PACS acknowledged
     PRIMARY KEY (path, destination)
 );
 CREATE TABLE IF NOT EXISTS destination (
@@ -40,24 +44,32 @@ CREATE TABLE IF NOT EXISTS destination (
 """
 
 
+_MIGRATIONS = (
+    "ALTER TABLE delivery ADD COLUMN ctime_ns INTEGER",
+    "ALTER TABLE delivery ADD COLUMN superseded INTEGER NOT NULL DEFAULT 0",
+)
+
+# The row is of the same version of the file (a row from before ctime was recorded: by
+# size and mtime alone).
+_SAME = ("(size = excluded.size AND mtime_ns = excluded.mtime_ns"
+         " AND (ctime_ns IS NULL OR ctime_ns = excluded.ctime_ns))")
+
 # One file's answer from one destination; a file replaced under the same name starts over.
 _UPSERT = (
-    "INSERT INTO delivery (path, destination, size, mtime_ns, delivered_at,"
+    "INSERT INTO delivery (path, destination, size, mtime_ns, ctime_ns, delivered_at,"
     " attempts, refusals, last_status, last_error, updated_at)"
-    " VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?)"
+    " VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?)"
     " ON CONFLICT (path, destination) DO UPDATE SET"
-    "  delivered_at = CASE WHEN size = excluded.size"
-    "    AND mtime_ns = excluded.mtime_ns AND delivered_at IS NOT NULL"
+    f"  delivered_at = CASE WHEN {_SAME} AND delivered_at IS NOT NULL"
     "    THEN delivered_at ELSE excluded.delivered_at END,"
-    "  attempts = CASE WHEN size = excluded.size AND mtime_ns = excluded.mtime_ns"
-    "    THEN attempts + 1 ELSE 1 END,"
-    "  refusals = CASE WHEN size = excluded.size AND mtime_ns = excluded.mtime_ns"
-    "    THEN refusals + excluded.refusals ELSE excluded.refusals END,"
-    "  verified_at = CASE WHEN size = excluded.size"
-    "    AND mtime_ns = excluded.mtime_ns THEN verified_at END,"
-    "  not_found = CASE WHEN size = excluded.size"
-    "    AND mtime_ns = excluded.mtime_ns THEN not_found ELSE 0 END,"
-    "  size = excluded.size, mtime_ns = excluded.mtime_ns,"
+    f"  attempts = CASE WHEN {_SAME} THEN attempts + 1 ELSE 1 END,"
+    f"  refusals = CASE WHEN {_SAME} THEN refusals + excluded.refusals"
+    "    ELSE excluded.refusals END,"
+    f"  verified_at = CASE WHEN {_SAME} THEN verified_at END,"
+    f"  not_found = CASE WHEN {_SAME} THEN not_found ELSE 0 END,"
+    f"  superseded = CASE WHEN {_SAME} OR delivered_at IS NULL THEN superseded"
+    "    ELSE superseded + 1 END,"
+    "  size = excluded.size, mtime_ns = excluded.mtime_ns, ctime_ns = excluded.ctime_ns,"
     "  last_status = excluded.last_status, last_error = excluded.last_error,"
     "  updated_at = excluded.updated_at"
 )
@@ -68,6 +80,7 @@ class FileKey:
     path: str
     size: int
     mtime_ns: int
+    ctime_ns: int
 
 
 @dataclass
@@ -80,6 +93,7 @@ class Delivery:
     last_status: str | None = None
     verified: bool = False
     not_found: int = 0
+    superseded: int = 0  # earlier versions of this file the PACS had acknowledged
 
 
 class Journal:
@@ -89,6 +103,10 @@ class Journal:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(delivery)")}
+        for statement in _MIGRATIONS:
+            if statement.split()[5] not in columns:
+                self.db.execute(statement)
         self.lock = threading.Lock()  # one connection, shared by the sender threads
 
     def close(self) -> None:
@@ -106,7 +124,7 @@ class Journal:
                 os.fsdecode(row[0]): row[1:]
                 for row in self.db.execute(
                     "SELECT path, size, mtime_ns, delivered_at, attempts, refusals, last_error,"
-                    " last_status, verified_at, not_found FROM delivery"
+                    " last_status, verified_at, not_found, ctime_ns, superseded FROM delivery"
                     " WHERE path >= ? AND path < ? AND destination = ?",
                     (low, low + b"\xff", destination),
                 )
@@ -114,11 +132,12 @@ class Journal:
         known: dict[FileKey, Delivery] = {}
         for key in keys:
             row = rows.get(key.path)
-            if row and row[0] == key.size and row[1] == key.mtime_ns:
+            if (row and row[0] == key.size and row[1] == key.mtime_ns
+                    and row[9] in (None, key.ctime_ns)):
                 known[key] = Delivery(row[2] is not None, row[3], row[4], row[5], row[2],
-                                      row[6], row[7] is not None, row[8])
+                                      row[6], row[7] is not None, row[8], row[10])
             else:
-                known[key] = Delivery()
+                known[key] = Delivery(superseded=(row[10] + (row[2] is not None)) if row else 0)
         return known
 
     def record(
@@ -136,7 +155,7 @@ class Journal:
         with self.lock, self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.executemany(_UPSERT, (
-                (os.fsencode(key.path), destination, key.size, key.mtime_ns,
+                (os.fsencode(key.path), destination, key.size, key.mtime_ns, key.ctime_ns,
                  now if delivered else None, int(refused), status,
                  None if delivered else status, now)
                 for key, delivered, refused, status in outcomes))

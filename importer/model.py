@@ -11,21 +11,29 @@ from importer.config import Settings
 from importer.folders import Patient
 from importer.journal import FileKey
 from importer.logs import MASK
+from importer.share import Identity
 
 
 @dataclass
 class SourceFile:
     path: str  # absolute; undecodable bytes kept as surrogate escapes
     rel: str
-    size: int
-    mtime_ns: int
+    ident: Identity  # as read (or, once stamped, as stamped): checked before each last step
     transfer_syntax: str = ""  # from the first full read; stamping keeps it
     sop_uid: str = ""  # for C-FIND verification and the receipt
     study_uid: str = ""
 
     @property
+    def size(self) -> int:
+        return self.ident.size
+
+    @property
+    def mtime_ns(self) -> int:
+        return self.ident.mtime_ns
+
+    @property
     def key(self) -> FileKey:
-        return FileKey(self.path, self.size, self.mtime_ns)
+        return FileKey(self.path, self.ident.size, self.ident.mtime_ns, self.ident.ctime_ns)
 
 
 @dataclass
@@ -39,6 +47,7 @@ class Folder:
     to_quarantine: dict[str, str] = field(default_factory=dict)  # path -> reason
     ready: list[SourceFile] = field(default_factory=list)  # verified identity, sendable
     pending: dict[str, str] = field(default_factory=dict)  # path -> why it waits for retry
+    writing: dict[str, str] = field(default_factory=dict)  # path -> why it is not settled yet
     held: str | None = None
     sent: int = 0
     quarantined: int = 0

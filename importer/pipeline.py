@@ -29,13 +29,20 @@ from importer.logs import error, event, warn
 from importer.model import Folder, SourceFile, folder_hash, identity_label
 from importer.receipt import build_receipt, receipt_path
 from importer.send import Sender
+from importer.share import (
+    Identity,
+    SettleCheck,
+    changed_since,
+    could_become_dicom,
+    image_without_pixels,
+)
 from importer.stamp import recover_interrupted_stamp, stamp
 from importer.verify import Verifier
 
 ORIGINAL_TAGS = (
     dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME, dcmtk.CHARSET, dcmtk.BIRTH_DATE, dcmtk.SEX,
     dcmtk.SOP_INSTANCE_UID, dcmtk.STUDY_INSTANCE_UID, dcmtk.MEDIA_STORAGE_SOP_CLASS,
-    dcmtk.TRANSFER_SYNTAX,
+    dcmtk.TRANSFER_SYNTAX, dcmtk.SOP_CLASS, dcmtk.ROWS, *dcmtk.PIXEL_DATA_TAGS,
 )
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 
@@ -48,7 +55,7 @@ class BatchReport:
 
     @property
     def exit_code(self) -> int:
-        if any(f.pending or f.quarantined or f.held for f in self.folders):
+        if any(f.pending or f.quarantined or f.held or f.writing for f in self.folders):
             return 1
         return 3 if self.busy else 0
 
@@ -107,7 +114,7 @@ def list_files(top: Path) -> tuple[list[SourceFile], list[tuple[str, str]]]:
             elif "\n" in name or "\r" in name:
                 left.append((rel, "file name contains a line break; rename it"))
             else:
-                files.append(SourceFile(path, rel, st.st_size, st.st_mtime_ns))
+                files.append(SourceFile(path, rel, Identity.of(st)))
     return files, left
 
 
@@ -132,8 +139,12 @@ def folder_lock(settings: Settings, name: str) -> Iterator[bool]:
 
 
 def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
-              only: set[str] | None = None) -> BatchReport:
-    """Process every patient folder in the import dir once (or only the named ones)."""
+              only: set[str] | None = None, noted_writing: set[str] | None = None) -> BatchReport:
+    """Process every patient folder in the import dir once (or only the named ones).
+
+    Only settled files are taken: see share.py. noted_writing (watch) holds the files
+    already reported as still being written, so each is reported once, not every period.
+    """
     report = BatchReport()
     batch_stamp = time.strftime("%Y%m%d_%H%M%S")
     matched, report.unmatched = scan_import_dir(settings)
@@ -148,6 +159,7 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
         recovered: list[str] = []  # sources an interrupted archive step has now moved
         if not settings.dry_run:
             _recover_elsewhere(settings, {name for name, _ in matched}, recovered)
+        settle = SettleCheck(settings.settle_seconds)
         for name, patient in matched:
             if not locks.enter_context(folder_lock(settings, name)):
                 event("INFO", "%s is being processed by another importer; skipped", display(name))
@@ -159,7 +171,8 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
             folder = Folder(name, settings.import_dir / name, patient, files, left)
             for rel, why in left:
                 warn("%s/%s: %s (left in place)", display(name), display(rel), why)
-            if files:
+            _set_aside_unsettled(folder, settle)
+            if folder.files or folder.writing:
                 folders.append(folder)
         report.folders = folders
         if not folders:
@@ -173,6 +186,7 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
             for folder in folders:
                 _read_originals(folder, magic, settings)
                 _describe(folder, settings)
+                _note_writing(folder, settings, noted_writing)
             return report
 
         journal = Journal(settings.state_dir)
@@ -182,6 +196,8 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
                 for folder in folders:
                     # Folder by folder (memory stays flat in the batch's size, and this
                     # overlaps the previous folder's send): read, check, stamp, send.
+                    if not folder.files:
+                        continue  # only files still being written
                     try:
                         dumps = _read_originals(folder, magic, settings)
                         _remember_held(settings, folder)
@@ -190,29 +206,76 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
                     except dcmtk.Stopped:
                         break  # shutting down: archive what was delivered, leave the rest
                     del dumps
+                    folder.ready = _unchanged(folder, folder.ready, "after it was stamped")
                     sender.submit(folder)
             for folder in folders:
                 _finish(folder, settings, journal, sender.verifier, batch_stamp)
+                _note_writing(folder, settings, noted_writing)
         finally:
             journal.close()
     return report
+
+
+def _set_aside_unsettled(folder: Folder, settle: SettleCheck) -> None:
+    """Files something may still be writing wait for the folder's next quiet period."""
+    unsettled = settle.unsettled((f.path, f.ident) for f in folder.files)
+    if unsettled:
+        folder.writing.update({p: f"still being written: {why}" for p, why in unsettled.items()})
+        folder.files = [f for f in folder.files if f.path not in unsettled]
+
+
+def _unchanged(folder: Folder, files: list[SourceFile], when: str) -> list[SourceFile]:
+    """The files still exactly as recorded; the others wait, untouched, for the next quiet
+    period (a writer came back, or the file was replaced)."""
+    kept = []
+    for source in files:
+        if why := changed_since(source.path, source.ident):
+            folder.writing[source.path] = f"still being written: {why} {when}"
+            folder.to_quarantine.pop(source.path, None)
+        else:
+            kept.append(source)
+    return kept
 
 
 def _read_originals(folder: Folder, magic: dict[str, bool],
                     settings: Settings) -> dict[str, dcmtk.Dump]:
     """[PHASE 1.5] for one folder: one full read of its DICOM files (a truncated file is
     caught here), sorting out non-DICOM files, DICOMDIRs and unreadable files; then the
-    two-patients check on what the files said before stamping."""
+    two-patients check on what the files said before stamping.
+
+    A file that looks unfinished (unreadable, no DICM magic yet, an image without its pixel
+    data) and changed within INCOMPLETE_GRACE is a copy still under way, not a broken file:
+    it is left in place; only once it has stayed unchanged that long is it judged."""
     dumps = dcmtk.dump_tags([f.path for f in folder.files if magic[f.path]], ORIGINAL_TAGS)
+    folder.files = _unchanged(folder, folder.files, "while being read")
+    now = time.time()
     candidates = []
     for source in folder.files:
         dump = dumps.get(source.path)
+        young = now - source.ident.changed_at() < settings.incomplete_grace
         if dump is None:
+            if young and could_become_dicom(source.path):
+                folder.writing[source.path] = (
+                    f"incomplete: no DICM magic yet ({source.size} bytes)")
+                continue
             warn("Not a DICOM file: %s/%s (archived with its folder, not sent)",
                  display(folder.name), display(source.rel))
             folder.unsent.append(source)
         elif dump.error:
+            if young:
+                folder.writing[source.path] = f"incomplete: DCMTK cannot read it yet ({dump.error})"
+                continue
             folder.to_quarantine[source.path] = f"DCMTK cannot read this file: {dump.error}"
+        elif image_without_pixels(
+                dump.values, dump.values.get(dcmtk.SOP_CLASS)
+                or dump.values.get(dcmtk.MEDIA_STORAGE_SOP_CLASS, ""),
+                dcmtk.ROWS, dcmtk.PIXEL_DATA_TAGS):
+            if young:
+                folder.writing[source.path] = "incomplete: an image without its pixel data yet"
+                continue
+            folder.to_quarantine[source.path] = (
+                "image without pixel data: the header of an image whose pixel data never"
+                " arrived (a copy that stopped); get it again from its source")
         elif (dump.values.get(dcmtk.MEDIA_STORAGE_SOP_CLASS) == DICOMDIR_SOP_CLASS
               or os.path.basename(source.path).upper() == "DICOMDIR"):
             folder.unsent.append(source)  # a CD's index, not an image: never sent
@@ -261,9 +324,10 @@ def _remember_held(settings: Settings, folder: Folder) -> None:
 def _describe(folder: Folder, settings: Settings) -> None:
     targets = ", ".join(d.label for d in settings.destinations)
     event("DRY-RUN", "%s: would stamp %d files as %s and send them to %s; "
-          "%d not DICOM (archive unsent); %d unreadable (quarantine)%s",
+          "%d not DICOM (archive unsent); %d unreadable (quarantine); %d still being written"
+          " (leave)%s",
           display(folder.name), len(folder.files), identity_label(folder.patient, settings),
-          targets, len(folder.unsent), len(folder.to_quarantine),
+          targets, len(folder.unsent), len(folder.to_quarantine), len(folder.writing),
           f"; HELD: {folder.held}" if folder.held else "")
 
 
@@ -345,12 +409,18 @@ def _finish(folder: Folder, settings: Settings, journal: Journal, verifier: Veri
     ready_paths = {f.path for f in folder.ready}
     for source in folder.files:  # not stamped at all, e.g. the importer is stopping
         if not (source.path in ready_paths or source.path in folder.to_quarantine
-                or source.path in folder.pending):
+                or source.path in folder.pending or source.path in folder.writing):
             folder.pending[source.path] = "not processed in this run"
 
     # Loose ends of a folder (not-DICOM files, a DICOMDIR) go once its images are done.
-    if not folder.pending:
+    if not folder.pending and not folder.writing:
         to_archive += folder.unsent
+    # The last look before anything is moved: exactly what was read, stamped and sent, and
+    # nobody writing it. Otherwise it stays; its next version is read and sent afresh.
+    to_archive = _unchanged(folder, to_archive, "after it was sent")
+    by_path = {f.path: f for f in folder.files + folder.unsent}
+    _unchanged(folder, [by_path[p] for p in list(folder.to_quarantine) if p in by_path],
+               "before its quarantine")
     target_root = settings.archive_dir / batch_stamp / folder.name
     failed_root = settings.failed_dir / batch_stamp / folder.name
     if to_archive:
@@ -365,7 +435,6 @@ def _finish(folder: Folder, settings: Settings, journal: Journal, verifier: Veri
         taken.add(target)
         plan.moves.append((source.path, str(target)))
         placed.append((source, target))
-    by_path = {f.path: f for f in folder.files + folder.unsent}
     quarantine_rel = {}
     for path, reason in folder.to_quarantine.items():
         rel = by_path[path].rel if path in by_path else os.path.relpath(path, folder.path)
@@ -413,7 +482,31 @@ def _finish(folder: Folder, settings: Settings, journal: Journal, verifier: Veri
         else:
             warn("%s and %d more files: left for retry: %s", first, len(paths) - 1, why)
     event("INFO", "%s: %d sent, %d not DICOM (archived unsent), %d quarantined,"
-          " %d left for retry, %d left in place, %.2f s",
-          display(folder.name), folder.sent, len(folder.unsent) if not folder.pending else 0,
-          folder.quarantined, len(folder.pending), len(folder.left),
+          " %d left for retry, %d still being written, %d left in place, %.2f s",
+          display(folder.name), folder.sent,
+          len(folder.unsent) if not (folder.pending or folder.writing) else 0,
+          folder.quarantined, len(folder.pending), len(folder.writing), len(folder.left),
           time.monotonic() - folder.started)
+
+
+def _note_writing(folder: Folder, settings: Settings, noted: set[str] | None) -> None:
+    """One [INFO] per folder for files still being written that were not reported yet
+    (every file, every time, in the JSON log)."""
+    fresh = []
+    for path, why in sorted(folder.writing.items()):
+        event("INFO", "%s: left in place: %s", display(os.path.relpath(path, settings.import_dir)),
+              why, level=logging.DEBUG)
+        if noted is None or path not in noted:
+            fresh.append((path, why))
+    if noted is not None:
+        noted.difference_update(p for p in list(noted)
+                                if p.startswith(str(folder.path) + os.sep)
+                                and p not in folder.writing)
+        noted.update(folder.writing)
+    if fresh:
+        path, why = fresh[0]
+        more = f" (and {len(fresh) - 1} more files)" if len(fresh) > 1 else ""
+        event("INFO", "%s/%s%s: still being written or incomplete, left in place for the next"
+              " quiet period: %s; judged only after %d s unchanged (INCOMPLETE_GRACE)",
+              display(folder.name), display(os.path.relpath(path, folder.path)), more, why,
+              settings.incomplete_grace)

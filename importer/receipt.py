@@ -62,6 +62,8 @@ def build_receipt(target_root: Path, folder: Folder, archived: list[tuple[Source
                     "time": _iso(state.delivered_at),
                     "verified_by_c_find": state.verified,
                 }
+                if state.superseded:  # this PACS had acknowledged other versions of the file
+                    entry["destinations"][d.name]["earlier_versions_sent"] = state.superseded
         receipt["files"].append(entry)
     return receipt
 
@@ -102,6 +104,8 @@ def render(path: Path) -> str:
         for n in names:
             d = f["destinations"].get(n, {})
             mark = " +C-FIND" if d.get("verified_by_c_find") else ""
+            if d.get("earlier_versions_sent"):
+                mark += f" (resent x{d['earlier_versions_sent']})"
             cells.append(f"{(d.get('c_store_status') or '-') + mark:<22}")
         lines.append(f"{f['path']:<{width}}  {f['size']:>10}  " + "  ".join(cells))
     sent = sum(1 for f in receipt["files"] if f.get("sent"))

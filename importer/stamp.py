@@ -22,6 +22,7 @@ from importer.config import Settings
 from importer.folders import Patient, display
 from importer.logs import event
 from importer.model import Folder, SourceFile, folder_hash, identity_label
+from importer.share import Identity, changed_since, identity
 
 WORK_DIR_NAME = ".importer-work"
 UTF8_CHARSETS = ("", "ISO_IR 6", "ISO_IR 192")
@@ -77,6 +78,13 @@ def _stamp_in_place(folder: Folder, files: list[SourceFile], settings: Settings,
         runs = dcmtk.stamp_identity(list(by_path), folder.patient, utf8=utf8, backup=True)
         for path, problem in _verify(folder, by_path, runs, utf8).items():
             backup = path + ".bak"
+            original = identity(backup)
+            if original is not None and not by_path[path].ident.same_content(original):
+                # A writer was still at it (it writes into the renamed original): what was
+                # stamped is a partial copy. The original, with its new bytes, goes back.
+                os.replace(backup, path)
+                folder.writing[path] = "still being written: it changed while being stamped"
+                continue
             if problem is None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(backup)
@@ -103,6 +111,9 @@ def _stamp_copies(folder: Folder, files: list[SourceFile], dumps: dict[str, dcmt
             if problem:
                 folder.to_quarantine[source.path] = problem
                 continue
+            if why := changed_since(source.path, source.ident):
+                folder.writing[source.path] = f"still being written: {why} while being stamped"
+                continue  # the original stays as it is now; the stale copy is dropped
             try:
                 _replace(copy, source.path)
             except OSError as exc:
@@ -139,7 +150,7 @@ def _mark_ready(folder: Folder, source: SourceFile) -> None:
     except OSError as exc:
         folder.pending[source.path] = f"stamped file vanished: {exc.strerror}"
         return
-    source.size, source.mtime_ns = st.st_size, st.st_mtime_ns
+    source.ident = Identity.of(st)
     folder.ready.append(source)
 
 

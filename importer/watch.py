@@ -27,8 +27,10 @@ from importer.logs import event, warn
 from importer.pipeline import list_files, run_batch, scan_import_dir, warn_unmatched
 from importer.retention import prune, seconds_until_daily
 
-WATCH_MASK = (flags.CREATE | flags.MOVED_TO | flags.CLOSE_WRITE | flags.MOVED_FROM
-              | flags.DELETE | flags.DELETE_SELF)
+# MODIFY too: a long write shows only MODIFY events between CREATE and CLOSE_WRITE, and a
+# quiet period must not run out in the middle of it. Events cost no log line.
+WATCH_MASK = (flags.CREATE | flags.MOVED_TO | flags.CLOSE_WRITE | flags.MODIFY
+              | flags.MOVED_FROM | flags.DELETE | flags.DELETE_SELF)
 HEARTBEAT_SECONDS = 30.0
 
 
@@ -44,6 +46,7 @@ class Watcher:
         self.quiet_unmatched: set[str] = set()
         self.seen: dict[str, int] = {}  # held folder -> fingerprint of its files when held
         self.retrying: set[str] = set()
+        self.noted_writing: set[str] = set()  # files already reported as still being written
         self.last_prune: float | None = None
         self.heartbeat = settings.state_dir / "heartbeat"
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -238,7 +241,7 @@ class Watcher:
         with logs.batch_log(self.settings.log_dir):
             try:
                 report = run_batch(self.settings, quiet_unmatched=self.quiet_unmatched,
-                                   only=set(names))
+                                   only=set(names), noted_writing=self.noted_writing)
             except dcmtk.Stopped:
                 return
             except (OSError, dcmtk.DcmtkMissing) as exc:
@@ -265,10 +268,11 @@ class Watcher:
                 self.retrying.discard(name)
                 self.seen[name] = fingerprint  # wait for a person to change something
             else:
-                # Files that arrived while the batch ran: they get their own quiet period.
+                # Files that arrived while the batch ran, or are still being written: they
+                # get a quiet period of their own (new events extend it).
                 self.retrying.discard(name)
                 self.timers.succeeded(name)
-                self._touch(name)
+                self._touch(name, at=time.monotonic() if folder and folder.writing else None)
 
 
 def scan_folder(top: Path) -> tuple[float | None, int]:

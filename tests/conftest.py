@@ -36,6 +36,10 @@ class Site:
             "PACS_SERVER_IP": "127.0.0.1",
             "PACS_SERVER_PORT": "9",  # set per test to a real receiver
             "PACS_AET": "STORESCP",
+            # Tests write their files a moment before the importer runs: the age signal is
+            # off unless a test turns it on (tests/test_share.py does; leases still apply).
+            "SETTLE_SECONDS": "0",
+            "INCOMPLETE_GRACE": "0",
             **self.env,
         }
 

@@ -420,6 +420,7 @@ def test_run_once_as_user_flag(engine: Engine, image: str, tmp_path: Path) -> No
                 "run", "--rm", "--network", "host", "--user", f"{site.uid}:{site.gid}",
                 "-e", "PACS_SERVER_IP=127.0.0.1", "-e", f"PACS_SERVER_PORT={receiver.port}",
                 "-e", f"PACS_AET={receiver.aet}", "-e", "DELAY=0",
+                "-e", "SETTLE_SECONDS=0",  # the files were written a moment ago
                 "-v", f"{site.dicom}:/dicom", "-v", f"{site.data}:/data", image, *args,
                 check=False, timeout=180)
 
@@ -461,7 +462,7 @@ def test_watch_service_as_puid(engine: Engine, image: str, tmp_path: Path) -> No
             "run", "-d", "--name", name, "--network", "host",
             "-e", f"PUID={site.uid}", "-e", f"PGID={site.gid}", "-e", "TZ=Asia/Seoul",
             "-e", "PACS_SERVER_IP=127.0.0.1", "-e", f"PACS_SERVER_PORT={receiver.port}",
-            "-e", f"PACS_AET={receiver.aet}", "-e", "DELAY=2",
+            "-e", f"PACS_AET={receiver.aet}", "-e", "DELAY=2", "--cap-add", "LEASE",
             "--health-interval=1s", "--health-start-period=0s",
             "-v", f"{site.dicom}:/dicom", "-v", f"{site.data}:/data", image)
         try:
@@ -478,6 +479,12 @@ def test_watch_service_as_puid(engine: Engine, image: str, tmp_path: Path) -> No
                   "the importer to start", diagnose)
             assert {uid for uid, _ in _top(engine, name)} == {str(site.uid)}, \
                 f"{_top(engine, name)}\n{diagnose()}"
+            # ... keeping CAP_LEASE (cap_add), and no other capability, for the read leases
+            # that tell whether another process still writes a file it does not own.
+            status = engine.docker("exec", name, "cat", "/proc/1/status").stdout
+            caps = {k: int(v, 16) for k, v in (line.split(":\t") for line in status.splitlines()
+                                               if line.startswith("Cap"))}
+            assert caps["CapEff"] == 1 << 28 == caps["CapAmb"], status
 
             for folder in folders:
                 site.drop(folder, 4, subdirs=2 if folder.startswith("#1") else 0)

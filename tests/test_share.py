@@ -1,0 +1,474 @@
+"""The share: files still being written, held open, replaced or never finished.
+
+Writers are separate processes started by the test (as smbd or a modality would be): they
+write part of a real DICOM file, stall, and finish on a signal. Every test asserts what the
+receiver got (whole instances only), what was archived (whole files), that nothing was
+quarantined early and that nothing was lost.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from importer import pipeline, share
+from importer.config import load_settings
+from tests.conftest import Site
+from tests.dicomgen import make_ct, make_patient_folder
+from tests.receivers import StoreSCP
+from tests.test_watch import Watching, wait_for
+
+FOLDER = "#4242-Stall^Test"
+ROWS = 256  # 128 KB of pixel data per file
+
+# A writer: copies SRC to DST in two parts. It writes the first SPLIT bytes, then waits
+# until the file GO exists (holding DST open, or closed when CLOSE_BETWEEN), then writes
+# the rest. Started as its own process, like smbd or a modality.
+WRITER = r"""
+import os, sys, time
+src, dst, split, go, close_between = sys.argv[1:6]
+data = open(src, "rb").read()
+split = int(split)
+fh = open(dst, "wb")
+fh.write(data[:split]); fh.flush()
+if close_between == "1":
+    fh.close()
+open(go + ".ready", "w").close()
+while not os.path.exists(go):
+    time.sleep(0.02)
+if close_between == "1":
+    fh = open(dst, "ab")
+fh.write(data[split:]); fh.flush(); fh.close()
+"""
+
+
+class Writer:
+    """A writer process stalled part-way through a copy until release()."""
+
+    def __init__(self, src: Path, dst: Path, split: int, *, close_between: bool = False) -> None:
+        self.go = dst.parent.parent.parent / f"go-{dst.name}-{time.monotonic_ns()}"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(src), str(dst), str(split), str(self.go),
+             "1" if close_between else "0"])
+        wait_for(lambda: Path(str(self.go) + ".ready").exists(), 10)
+
+    def release(self) -> None:
+        self.go.touch()
+        assert self.process.wait(timeout=10) == 0
+
+
+def pixel_offset(path: Path) -> int:
+    """Where the PixelData element starts: a writer stalled there wrote just the header."""
+    return path.read_bytes().index(b"\xe0\x7f\x10\x00")
+
+
+@pytest.fixture
+def sources(tmp_path: Path) -> Path:
+    """Complete files, outside the import dir, for writers to copy from."""
+    src = tmp_path / "sources"
+    make_patient_folder(src, FOLDER, 4, rows=ROWS, patient_id="OLD", patient_name="Old^Name")
+    return src / FOLDER
+
+
+def whole(ds: pydicom.Dataset) -> bool:
+    return "PixelData" in ds and len(ds.PixelData) == ds.Rows * ds.Columns * 2
+
+
+def assert_whole_and_stamped(site: Site, receiver: StoreSCP, sources: Path,
+                             expect: set[str]) -> None:
+    """The receiver holds exactly the expected instances, each whole and stamped; the
+    archive holds each as a whole file; nothing quarantined; nothing left."""
+    received = receiver.received_datasets()
+    assert all(whole(ds) for ds in received), "an instance without its pixel data was sent"
+    assert all(ds.PatientID == "4242" for ds in received)
+    original = {pydicom.dcmread(sources / name).SOPInstanceUID: name for name in expect}
+    assert {ds.SOPInstanceUID for ds in received} == set(original)
+    archived = {Path(k).name: v for k, v in site.archived().items()}
+    assert set(archived) == expect
+    for name, path in archived.items():
+        ds = pydicom.dcmread(path)
+        assert ds.PixelData == pydicom.dcmread(sources / name).PixelData, name
+    assert site.failed() == {}
+    assert site.remaining() == []
+
+
+def receive_log(site: Site) -> str:
+    return "\n".join(r["message"] for r in site.log_records())
+
+
+# --- run-once --------------------------------------------------------------------------------
+
+
+def test_run_once_during_a_copy_leaves_the_file_and_sends_it_whole_later(
+        site: Site, storescp: StoreSCP, sources: Path) -> None:
+    """A copy in progress when run-once starts (stalled in the pixel data, writer holding
+    the file open): exit 1, the file left untouched, the others delivered; once the copy
+    has finished, the next run sends it whole. Signal: the read lease."""
+    site.use(storescp)
+    target = site.import_dir / FOLDER
+    target.mkdir()
+    for name in ("IM00001.dcm", "IM00002.dcm", "IM00003.dcm"):
+        shutil.copy(sources / name, target / name)
+    src = sources / "IM00004.dcm"
+    writer = Writer(src, target / "IM00004.dcm", pixel_offset(src) + 5000)
+    before = (target / "IM00004.dcm").read_bytes()
+
+    result = site.run()
+    assert result.returncode == 1, result.stderr
+    assert "IM00004.dcm: still being written or incomplete" in result.stderr
+    assert "open for writing by another process" in result.stderr
+    assert (target / "IM00004.dcm").read_bytes() == before  # not stamped, not moved
+    assert not list(target.glob("*.bak"))
+    assert len(storescp.received()) == 3 and site.failed() == {}
+
+    writer.release()
+    result = site.run()
+    assert result.returncode == 0, result.stderr
+    storescp.stop()
+    assert_whole_and_stamped(site, storescp, sources, {f"IM0000{i}.dcm" for i in range(1, 5)})
+
+
+def test_run_once_waits_for_settle_seconds(site: Site, storescp: StoreSCP,
+                                           sources: Path) -> None:
+    """A file finished a moment ago, by a writer that closed it (no lease can see it), waits
+    for SETTLE_SECONDS; after that it is sent. Signal: the file's age."""
+    site.use(storescp)
+    site.env["SETTLE_SECONDS"] = "3"
+    target = site.import_dir / FOLDER
+    target.mkdir()
+    shutil.copy(sources / "IM00001.dcm", target / "IM00001.dcm")
+    result = site.run()
+    assert result.returncode == 1 and "SETTLE_SECONDS 3" in result.stderr, result.stderr
+    assert storescp.received() == []
+    time.sleep(3.2)
+    result = site.run()
+    assert result.returncode == 0, result.stderr
+    storescp.stop()
+    assert_whole_and_stamped(site, storescp, sources, {"IM00001.dcm"})
+
+
+def test_header_only_file_waits_then_is_quarantined_after_the_grace(
+        site: Site, storescp: StoreSCP, sources: Path) -> None:
+    """A writer that wrote the header, closed the file and never came back: the image
+    without pixel data is never sent; it stays while young, and is quarantined with a reason
+    once unchanged for INCOMPLETE_GRACE. A file cut in the pixel data likewise.
+    Signal: what the file holds (an image without PixelData; a truncated element)."""
+    site.use(storescp)
+    site.env["INCOMPLETE_GRACE"] = "4"
+    target = site.import_dir / FOLDER
+    target.mkdir()
+    header = sources / "IM00001.dcm"
+    (target / "header.dcm").write_bytes(header.read_bytes()[:pixel_offset(header)])
+    cut = sources / "IM00002.dcm"
+    (target / "cut.dcm").write_bytes(cut.read_bytes()[:pixel_offset(cut) + 7000])
+    (target / "empty.dcm").write_bytes(b"")  # a copy that has not begun
+    shutil.copy(sources / "IM00003.dcm", target / "IM00003.dcm")
+
+    result = site.run()
+    assert result.returncode == 1, result.stderr
+    assert "an image without its pixel data yet" in receive_log(site)
+    assert "DCMTK cannot read it yet" in receive_log(site)
+    assert "no DICM magic yet (0 bytes)" in receive_log(site)
+    assert site.failed() == {} and not any("empty" in k for k in site.archived())
+    assert sorted(site.remaining()) == sorted(
+        f"{FOLDER}/{n}" for n in ("header.dcm", "cut.dcm", "empty.dcm"))
+
+    time.sleep(4.2)
+    result = site.run()
+    assert result.returncode == 1, result.stderr
+    failed = {Path(k).name: v for k, v in site.failed().items()}
+    assert set(failed) == {"header.dcm", "cut.dcm"}
+    reason = failed["header.dcm"].with_name("header.dcm.reason.txt").read_text()
+    assert "image without pixel data" in reason
+    assert "DCMTK cannot read" in failed["cut.dcm"].with_name("cut.dcm.reason.txt").read_text()
+    assert {Path(k).name for k in site.archived()} == {"IM00003.dcm", "empty.dcm"}
+    storescp.stop()
+    received = storescp.received_datasets()
+    assert len(received) == 1 and all(whole(ds) for ds in received)
+
+
+def test_objects_without_pixel_data_are_not_held(site: Site, storescp: StoreSCP,
+                                                 tmp_path: Path) -> None:
+    """An SR or KO legitimately has no pixel data: sent at once, never taken for a partial
+    image, whatever INCOMPLETE_GRACE says."""
+    site.use(storescp)
+    site.env["INCOMPLETE_GRACE"] = "3600"
+
+    def as_sr(ds: pydicom.Dataset) -> None:
+        for keyword in ("PixelData", "Rows", "Columns", "BitsAllocated", "BitsStored",
+                        "HighBit", "PixelRepresentation", "SamplesPerPixel",
+                        "PhotometricInterpretation"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.Modality = "SR"
+
+    make_ct(site.import_dir / FOLDER / "report.dcm", extra=as_sr)
+    result = site.run()
+    assert result.returncode == 0, result.stderr
+    assert {Path(k).name for k in site.archived()} == {"report.dcm"}
+
+
+def test_replaced_between_stamp_and_send_is_not_sent_until_stamped(
+        site: Site, storescp: StoreSCP, sources: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file replaced (new inode, same name) after it was stamped: the replacement, which
+    carries another identity, is never sent as it is; it is stamped and sent next time.
+    Signal: the identity re-check before sending."""
+    site.use(storescp)
+    target = site.import_dir / FOLDER
+    target.mkdir()
+    for name in ("IM00001.dcm", "IM00002.dcm"):
+        shutil.copy(sources / name, target / name)
+    real_stamp = pipeline.stamp
+
+    def stamp_then_replace(folder: pipeline.Folder, *args: object) -> None:
+        real_stamp(folder, *args)
+        replacement = target / ".new"
+        shutil.copy(sources / "IM00003.dcm", replacement)
+        os.replace(replacement, target / "IM00002.dcm")
+
+    monkeypatch.setattr(pipeline, "stamp", stamp_then_replace)
+    report = pipeline.run_batch(load_settings({}, site.env))
+    monkeypatch.undo()
+    assert report.exit_code == 1
+    assert "replaced after it was stamped" in report.folders[0].writing[str(target / "IM00002.dcm")]
+    assert [ds.SOPInstanceUID for ds in storescp.received_datasets()] == [
+        pydicom.dcmread(sources / "IM00001.dcm").SOPInstanceUID]
+
+    assert site.run().returncode == 0
+    storescp.stop()
+    received = storescp.received_datasets()
+    assert all(ds.PatientID == "4242" and whole(ds) for ds in received)
+    archived = {Path(k).name: v for k, v in site.archived().items()}
+    assert set(archived) == {"IM00001.dcm", "IM00002.dcm"}
+    assert pydicom.dcmread(archived["IM00002.dcm"]).SOPInstanceUID == pydicom.dcmread(
+        sources / "IM00003.dcm").SOPInstanceUID
+
+
+def test_replaced_after_send_is_sent_again_not_archived_stale(
+        site: Site, storescp: StoreSCP, sources: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file rewritten after it was sent, with the same size and its old mtime put back
+    (as `cp -p` of a same-size file does): it is not archived; the next run sends the new
+    version (the journal tells versions apart by ctime) and the receipt says an earlier
+    version had been sent. Signal: the identity re-check before archiving."""
+    site.use(storescp)
+    target = site.import_dir / FOLDER
+    target.mkdir()
+    shutil.copy(sources / "IM00001.dcm", target / "IM00001.dcm")
+    real_finish = pipeline._finish
+
+    def rewrite_then_finish(folder: pipeline.Folder, *args: object) -> None:
+        path = target / "IM00001.dcm"
+        st = path.stat()
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF  # one pixel changes
+        replacement = target / ".new"
+        replacement.write_bytes(bytes(data))
+        os.utime(replacement, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(replacement, path)
+        real_finish(folder, *args)
+
+    monkeypatch.setattr(pipeline, "_finish", rewrite_then_finish)
+    assert pipeline.run_batch(load_settings({}, site.env)).exit_code == 1
+    monkeypatch.undo()
+    assert site.archived() == {} and len(storescp.received()) == 1
+
+    assert site.run().returncode == 0
+    storescp.stop()
+    archived = site.archived()[f"{FOLDER}/IM00001.dcm"]
+    receipt = (archived.parent.parent / f"{FOLDER}.receipt.json").read_text()
+    assert '"earlier_versions_sent": 1' in receipt
+    last = max(storescp.received(), key=lambda p: p.stat().st_mtime_ns)
+    assert pydicom.dcmread(last).PixelData == pydicom.dcmread(archived).PixelData
+
+
+# --- watch -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def watching(site: Site, storescp: StoreSCP) -> Iterator[Watching]:
+    site.use(storescp)
+    site.env |= {"SETTLE_SECONDS": "1", "INCOMPLETE_GRACE": "3600"}
+    watcher = Watching(site)
+    yield watcher
+    if watcher.process.poll() is None:
+        watcher.stop()
+
+
+def test_watch_header_then_stall_longer_than_delay(watching: Watching, site: Site,
+                                                   storescp: StoreSCP, sources: Path) -> None:
+    """The reported loss: a writer writes the header, stalls past DELAY holding the file,
+    then writes the pixel data. Nothing of that file is sent, moved or quarantined while it
+    stalls; the folder's finished files go on; the whole file is sent once it is done."""
+    target = site.import_dir / FOLDER
+    target.mkdir()
+    src = sources / "IM00004.dcm"
+    writer = Writer(src, target / "IM00004.dcm", pixel_offset(src))
+    for name in ("IM00001.dcm", "IM00002.dcm", "IM00003.dcm"):
+        shutil.copy(sources / name, target / name)
+    wait_for(lambda: len(site.archived()) == 3, 30)
+    time.sleep(3)  # past DELAY again: the stalled file is looked at again, and left again
+    assert site.remaining() == [f"{FOLDER}/IM00004.dcm"] and site.failed() == {}
+    assert all(whole(ds) for ds in storescp.received_datasets())
+    writer.release()
+    wait_for(lambda: site.remaining() == [], 30)
+    watching.stop()
+    storescp.stop()
+    assert_whole_and_stamped(site, storescp, sources, {f"IM0000{i}.dcm" for i in range(1, 5)})
+    assert watching.output.count("IM00004.dcm: still being written or incomplete") == 1
+
+
+def test_watch_writer_closes_after_the_header_and_comes_back(
+        watching: Watching, site: Site, storescp: StoreSCP, sources: Path) -> None:
+    """A writer that closes the file after the header and reopens it later to append (no
+    lease can see it while it is closed): the image without pixel data waits as incomplete,
+    and is sent whole once the rest arrives."""
+    target = site.import_dir / FOLDER
+    target.mkdir()
+    src = sources / "IM00001.dcm"
+    writer = Writer(src, target / "IM00001.dcm", pixel_offset(src), close_between=True)
+    time.sleep(5)  # DELAY (2 s) and SETTLE_SECONDS (1 s) have passed
+    assert storescp.received() == [] and site.failed() == {} and site.archived() == {}
+    writer.release()
+    wait_for(lambda: site.remaining() == [], 30)
+    watching.stop()
+    storescp.stop()
+    assert_whole_and_stamped(site, storescp, sources, {"IM00001.dcm"})
+    assert "an image without its pixel data yet" in watching.output
+
+
+def test_watch_writer_holding_a_complete_file_open(watching: Watching, site: Site,
+                                                   storescp: StoreSCP, sources: Path) -> None:
+    """All bytes written but the writer still holds the file open (it may write more, or
+    truncate): not taken until it closes it."""
+    target = site.import_dir / FOLDER
+    target.mkdir()
+    src = sources / "IM00001.dcm"
+    writer = Writer(src, target / "IM00001.dcm", src.stat().st_size)
+    time.sleep(5)
+    assert storescp.received() == [] and site.archived() == {}
+    writer.release()
+    wait_for(lambda: site.remaining() == [], 30)
+    watching.stop()
+    storescp.stop()
+    assert_whole_and_stamped(site, storescp, sources, {"IM00001.dcm"})
+
+
+def test_watch_parallel_slow_writes_do_not_hold_back_another_folder(
+        watching: Watching, site: Site, storescp: StoreSCP, sources: Path,
+        tmp_path: Path) -> None:
+    """Four files written in parallel into one folder, slowly and without a pause long
+    enough to look quiet (MODIFY events keep its timer running), while another folder goes
+    quiet and is sent. Then the first folder's files arrive whole."""
+    slow = site.import_dir / "#5-Slow^Upload"
+    slow.mkdir()
+    script = ("import sys, time\n"
+               "data = open(sys.argv[1], 'rb').read()\n"
+               "with open(sys.argv[2], 'wb') as fh:\n"
+               "    for i in range(0, len(data), 4096):\n"
+               "        fh.write(data[i:i + 4096]); fh.flush(); time.sleep(0.15)\n")
+    writers = [subprocess.Popen([sys.executable, "-c", script, str(sources / f"IM0000{i}.dcm"),
+                                 str(slow / f"IM0000{i}.dcm")]) for i in range(1, 5)]
+    time.sleep(0.5)
+    quick = tmp_path / "quick"
+    make_patient_folder(quick, "#6-Quick^Folder", 3)
+    shutil.move(str(quick / "#6-Quick^Folder"), site.import_dir)
+    wait_for(lambda: len(site.archived()) == 3, 20)
+    assert all(w.poll() is None for w in writers), "the slow copy ended too soon to test"
+    assert not any("Slow" in k for k in site.archived())
+    for w in writers:
+        assert w.wait(timeout=60) == 0
+    wait_for(lambda: site.remaining() == [], 30)
+    watching.stop()
+    storescp.stop()
+    received = storescp.received_datasets()
+    assert len(received) == 7 and all(whole(ds) for ds in received)
+    assert site.failed() == {}
+    for i in range(1, 5):
+        archived = site.archived()[f"#5-Slow^Upload/IM0000{i}.dcm"]
+        assert pydicom.dcmread(archived).PixelData == pydicom.dcmread(
+            sources / f"IM0000{i}.dcm").PixelData
+
+
+# --- the signals themselves -----------------------------------------------------------------
+
+
+def test_proc_fallback_sees_a_writer_where_no_lease_can_be_taken() -> None:
+    """As a user who does not own the file and lacks CAP_LEASE, the lease cannot tell;
+    /proc/*/fdinfo still names the writer (same PID namespace)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as two other users")
+    shared = Path(tempfile.mkdtemp(prefix="share-test-", dir="/tmp"))  # pytest's is 0700
+    shared.chmod(0o777)
+    path = shared / "shared.dcm"
+    path.write_bytes(b"x" * 1000)
+    path.chmod(0o666)
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+    writer = subprocess.Popen([*nobody, sys.executable, "-c",
+                               f"import time; f = open({str(path)!r}, 'r+b'); time.sleep(30)"])
+    try:
+        wait_for(lambda: any(os.path.realpath(f"/proc/{writer.pid}/fd/{fd}") == str(path)
+                             for fd in os.listdir(f"/proc/{writer.pid}/fd")), 10)
+        check = ("import sys; sys.path.insert(0, sys.argv[2]); from importer import share;"
+                 " p = sys.argv[1];"
+                 " print(share.open_for_writing(p));"
+                 " print(share.SettleCheck(0).why_unsettled(p, share.identity(p)))")
+        seen = subprocess.run([*nobody, sys.executable, "-c", check, str(path),
+                               str(Path(__file__).parent.parent)],
+                              capture_output=True, text=True, timeout=30)
+        assert seen.returncode == 0, seen.stderr
+        lease, verdict = seen.stdout.splitlines()
+        assert lease == "None"  # EACCES: not the owner, no CAP_LEASE
+        assert verdict.startswith(f"open for writing by pid {writer.pid}")
+        writer.kill()
+        writer.wait()
+        assert share.open_for_writing(str(path)) is False
+    finally:
+        writer.kill()
+        writer.wait()
+        shutil.rmtree(shared)
+
+
+# --- what a PACS already got from a partial file ---------------------------------------------
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_complete_file_sent_again_over_a_partial_instance(
+        site: Site, tmp_path: Path, sources: Path, overwrite: bool) -> None:
+    """An earlier importer sent the header of a file still being written (no pixel data).
+    The complete file goes again under the same SOP Instance UID. Orthanc replaces the
+    instance only with OverwriteInstances: true; by default it answers Success and keeps the
+    partial one (measured; the README tells PACS administrators)."""
+    from tests.receivers import Orthanc
+
+    src = sources / "IM00001.dcm"
+    partial = tmp_path / "partial.dcm"
+    partial.write_bytes(src.read_bytes()[:pixel_offset(src)])
+    subprocess.run(["dcmodify", "-nb", "-i", "(0010,0020)=4242", "-i",  # as stamped then
+                    "(0010,0010)=Stall^Test", str(partial)], check=True, capture_output=True)
+    with Orthanc(config={"OverwriteInstances": overwrite}) as orthanc:
+        sent = subprocess.run(["storescu", "-aec", orthanc.aet, orthanc.host, str(orthanc.port),
+                               str(partial)], capture_output=True, text=True, timeout=30)
+        assert sent.returncode == 0, sent.stderr
+        site.env |= {"PACS_SERVER_IP": orthanc.host, "PACS_SERVER_PORT": str(orthanc.port),
+                     "PACS_AET": orthanc.aet}
+        (site.import_dir / FOLDER).mkdir()
+        shutil.copy(src, site.import_dir / FOLDER / "IM00001.dcm")
+        result = site.run()
+        assert result.returncode == 0, result.stderr
+        (instance,) = orthanc.instances()
+        tags = orthanc.get(f"/instances/{instance['ID']}/tags?short")
+        assert ("7fe0,0010" in tags) is overwrite
+        assert tags["0010,0020"] == "4242"
+        assert site.archived()  # acknowledged and listed by C-FIND either way
