@@ -11,7 +11,7 @@ from importer import dcmtk
 from importer.config import Settings
 from importer.folders import display
 from importer.journal import Journal
-from importer.pipeline import list_files, scan_import_dir
+from importer.snapshot import list_files, scan_import_dir
 
 TOOLS = ("dcmftest", "dcmdump", "dcmodify", "dcmconv", "storescu", "echoscu", "findscu")
 

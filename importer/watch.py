@@ -24,8 +24,9 @@ from importer.config import Settings
 from importer.debounce import QuietTimers
 from importer.folders import display, parse_folder_name
 from importer.logs import event, warn
-from importer.pipeline import list_files, run_batch, scan_import_dir, warn_unmatched
+from importer.pipeline import run_batch
 from importer.retention import prune, seconds_until_daily
+from importer.snapshot import list_files, scan_import_dir, warn_unmatched
 
 # MODIFY too: a long write shows only MODIFY events between CREATE and CLOSE_WRITE, and a
 # quiet period must not run out in the middle of it. Events cost no log line.

@@ -266,7 +266,7 @@ def test_replaced_after_send_is_sent_again_not_archived_stale(
     target = site.import_dir / FOLDER
     target.mkdir()
     shutil.copy(sources / "IM00001.dcm", target / "IM00001.dcm")
-    real_finish = pipeline._finish
+    real_finish = pipeline.finish
 
     def rewrite_then_finish(folder: pipeline.Folder, *args: object) -> None:
         path = target / "IM00001.dcm"
@@ -279,7 +279,7 @@ def test_replaced_after_send_is_sent_again_not_archived_stale(
         os.replace(replacement, path)
         real_finish(folder, *args)
 
-    monkeypatch.setattr(pipeline, "_finish", rewrite_then_finish)
+    monkeypatch.setattr(pipeline, "finish", rewrite_then_finish)
     assert pipeline.run_batch(load_settings({}, site.env)).exit_code == 1
     monkeypatch.undo()
     assert site.archived() == {} and len(storescp.received()) == 1

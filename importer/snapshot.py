@@ -1,0 +1,113 @@
+"""The batch's snapshot of the import dir: which folders, which files, and which of them
+are settled (see share.py); one lock per folder so two importers never share one."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+from importer.config import Settings
+from importer.folders import Patient, display, parse_folder_name
+from importer.logs import warn
+from importer.model import Folder, SourceFile, folder_hash
+from importer.share import Identity, SettleCheck, changed_since
+
+
+def scan_import_dir(settings: Settings) -> tuple[list[tuple[str, Patient]], list[str]]:
+    """Top-level folders that name a patient, and everything else (left where it is)."""
+    matched: list[tuple[str, Patient]] = []
+    unmatched: list[str] = []
+    with os.scandir(settings.import_dir) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name.startswith((".", "@")):  # our work dir, Synology's @eaDir, dotfiles
+                continue
+            patient = None
+            if entry.is_dir(follow_symlinks=False):
+                patient = parse_folder_name(entry.name, settings.folder_pattern)
+            if patient is None:
+                unmatched.append(entry.name)
+            else:
+                matched.append((entry.name, patient))
+    return matched, unmatched
+
+
+def warn_unmatched(names: list[str], quiet: set[str] | None = None) -> None:
+    """One [WARN] per entry left alone; with quiet (watch), once per process, not per scan."""
+    for name in names:
+        if quiet is None or name not in quiet:
+            warn("Pattern does not match: %s (left untouched, not sent)", display(name))
+            if quiet is not None:
+                quiet.add(name)
+
+
+def list_files(top: Path) -> tuple[list[SourceFile], list[tuple[str, str]]]:
+    """Regular files under top; symlinks and special files are listed apart, untouched."""
+    files: list[SourceFile] = []
+    left: list[tuple[str, str]] = []
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+        dirnames.sort()
+        for name in list(dirnames):
+            if os.path.islink(os.path.join(dirpath, name)):
+                left.append((os.path.relpath(os.path.join(dirpath, name), top),
+                             "symbolic link, not followed"))
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, top)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue  # vanished since the listing
+            if stat.S_ISLNK(st.st_mode):
+                left.append((rel, "symbolic link, not followed"))
+            elif not stat.S_ISREG(st.st_mode):
+                left.append((rel, "not a regular file"))
+            elif "\n" in name or "\r" in name:
+                left.append((rel, "file name contains a line break; rename it"))
+            else:
+                files.append(SourceFile(path, rel, Identity.of(st)))
+    return files, left
+
+
+@contextlib.contextmanager
+def folder_lock(settings: Settings, name: str) -> Iterator[bool]:
+    """An exclusive lock per folder in STATE_DIR; yields False if another process has it."""
+    if settings.dry_run:
+        yield True
+        return
+    lock_dir = settings.state_dir / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_dir / f"{folder_hash(name)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def set_aside_unsettled(folder: Folder, settle: SettleCheck) -> None:
+    """Files something may still be writing wait for the folder's next quiet period."""
+    unsettled = settle.unsettled((f.path, f.ident) for f in folder.files)
+    if unsettled:
+        folder.writing.update({p: f"still being written: {why}" for p, why in unsettled.items()})
+        folder.files = [f for f in folder.files if f.path not in unsettled]
+
+
+def unchanged(folder: Folder, files: list[SourceFile], when: str) -> list[SourceFile]:
+    """The files still exactly as recorded; the others wait, untouched, for the next quiet
+    period (a writer came back, or the file was replaced)."""
+    kept = []
+    for source in files:
+        if why := changed_since(source.path, source.ident):
+            folder.writing[source.path] = f"still being written: {why} {when}"
+            folder.to_quarantine.pop(source.path, None)
+        else:
+            kept.append(source)
+    return kept
