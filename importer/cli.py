@@ -201,7 +201,9 @@ def status(verbose: bool, as_json: bool, **flags: Any) -> None:
                    f"{'' if item['required'] else ', optional'}): last success"
                    f" {item['last_success'] or 'never'}, last failure"
                    f" {item['last_failure'] or 'never'}"
-                   + (f" ({item['last_error']})" if item["last_failure"] else ""))
+                   + (f" ({item['last_error']})" if item["last_failure"] else "")
+                   + (f"; FAILING since {item['failing_since']}: files wait for it"
+                      if item["failing_since"] else ""))
 
 
 @main.command()

@@ -68,6 +68,8 @@ class Settings:
     log_patient_names: bool = True
     settle_seconds: int = 5  # a file changed more recently than this is still being written
     incomplete_grace: int = 3600  # an unreadable file unchanged this long is broken, not late
+    duplicate_uids: str = "archive"  # one SOP Instance UID, different content: or quarantine
+    decompress_lossy: bool = False  # send lossy JPEG decompressed where a PACS accepts no JPEG
     dry_run: bool = False
 
 
@@ -94,6 +96,8 @@ _SCALARS: dict[str, tuple[str, Any]] = {
     "log_patient_names": ("LOG_PATIENT_NAMES", True),
     "settle_seconds": ("SETTLE_SECONDS", 5),
     "incomplete_grace": ("INCOMPLETE_GRACE", 3600),
+    "duplicate_uids": ("DUPLICATE_UIDS", "archive"),
+    "decompress_lossy": ("DECOMPRESS_LOSSY", False),
 }
 
 # Environment variables of the old scripts, per destination: field -> variable.
@@ -160,6 +164,8 @@ def load_settings(
         log_patient_names=get("log_patient_names", _bool),
         settle_seconds=get("settle_seconds", _int_range(0, 86400)),
         incomplete_grace=get("incomplete_grace", _int_range(0, 30 * 86400)),
+        duplicate_uids=get("duplicate_uids", _choice("archive", "quarantine")),
+        decompress_lossy=get("decompress_lossy", _bool),
         dry_run=bool(flags.get("dry_run", False)),
     )
     _check_dirs(settings, raw, create=create_dirs and not settings.dry_run)

@@ -252,8 +252,18 @@ PIXEL_DATA_TAGS = ("7fe0,0010", "7fe0,0008", "7fe0,0009")  # integer, float, dou
 _HEADER = re.compile(r"^# dcmdump \(\d+/\d+\): (?P<path>.*)$")
 _ELEMENT = re.compile(
     r"^\((?P<tag>[0-9a-f]{4},[0-9a-f]{4})\) (?P<vr>[A-Z]{2}) "
-    r"(?:\[(?P<value>.*)\]|\(no value available\)|.*?)\s+#\s*(?:\d+|u/l),"
+    r"(?:\[(?P<value>.*)\]|\(no value available\)|(?P<raw>.*?))\s+#\s*(?:\d+|u/l),"
 )
+_UN_BYTES = re.compile(r"^[0-9a-f]{2}(?:\\[0-9a-f]{2})*$")
+
+
+def _value(element: re.Match[str]) -> str:
+    """An element's value as dcmdump shows it; a UN element's bytes decoded as text (UN
+    UIDs and strings are still their values, in the file's character set)."""
+    raw = element["raw"] or ""
+    if element["vr"] == "UN" and _UN_BYTES.match(raw):
+        return _clean(bytes.fromhex(raw.replace("\\", "")).decode("latin-1"))
+    return _clean(element["value"] or "")
 _READ_ERROR = re.compile(r"^E: dcmdump: (?P<reason>.*?): reading file: (?P<path>.*)$")
 
 
@@ -263,6 +273,7 @@ class Dump:
 
     values: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    vrs: dict[str, str] = field(default_factory=dict)  # e.g. UN where an anonymiser wrote it
 
 
 def dump_tags(paths: Sequence[str], tags: Iterable[str]) -> dict[str, Dump]:
@@ -305,7 +316,8 @@ class _DumpParser:
         elif (element := _ELEMENT.match(line)) and self.current is not None:
             # +p prefixes nested occurrences with their sequence path, so only top-level
             # elements match here.
-            self.current.values.setdefault(element["tag"], _clean(element["value"] or ""))
+            self.current.values.setdefault(element["tag"], _value(element))
+            self.current.vrs.setdefault(element["tag"], element["vr"])
 
 
 def _clean(value: str) -> str:
@@ -349,6 +361,12 @@ def convert_to_utf8(source: str, target: str) -> ToolRun:
     return run("dcmconv", ["+U8", source, target])
 
 
+def convert_un(source: str, target: str) -> ToolRun:
+    """A copy whose UN elements (of known tags) have their real VR: dcmodify cannot set a
+    value in an element it reads as UN."""
+    return run("dcmconv", ["+uc", source, target])
+
+
 # --- storescu ---------------------------------------------------------------------------
 
 
@@ -356,6 +374,9 @@ class Outcome(Enum):
     DELIVERED = "delivered"
     TRANSIENT = "transient"  # not sent, or the PACS was out of resources: try again later
     PERMANENT = "permanent"  # the PACS refused this file
+    # The PACS accepts neither this file's transfer syntax for its SOP class nor one storescu
+    # can convert it to: a decompressed copy may still go (decompression_tool).
+    UNACCEPTED = "unaccepted"
 
 
 @dataclass
@@ -370,6 +391,9 @@ _BAD_FILE = re.compile(r"^E: Bad DICOM file: (?P<rest>.*)$")
 _STORE_FAILED = "E: Store Failed, file: "
 _NO_UID = "E: No SOP Class or Instance UID in file: "
 _DIMSE_TIMEOUT = "DIMSE No data available"  # storescu's wording for a DIMSE timeout
+_CANNOT_CONVERT = re.compile(
+    r"unable to convert dataset from '(?P<source>[^']*)' transfer syntax to '(?P<target>[^']*)'")
+_STORE_REQUEST = re.compile(r"^I: Sending Store Request \(MsgID \d+, (?P<sop>[^)]*)\)")
 
 
 def classify_status(status: str) -> Outcome:
@@ -408,6 +432,27 @@ def proposal_for(transfer_syntax: str) -> str:
     return _PROPOSE.get(transfer_syntax, "")
 
 
+# Decompressors for syntaxes a PACS may not accept (storescu 3.6.7 cannot convert them on
+# the fly): transfer syntax -> (tool, lossless). JPEG 2000 has no decoder in DCMTK.
+_DECOMPRESSORS = {
+    "1.2.840.10008.1.2.4.57": ("dcmdjpeg", True), "1.2.840.10008.1.2.4.70": ("dcmdjpeg", True),
+    "1.2.840.10008.1.2.4.50": ("dcmdjpeg", False), "1.2.840.10008.1.2.4.51": ("dcmdjpeg", False),
+    "1.2.840.10008.1.2.4.80": ("dcmdjpls", True), "1.2.840.10008.1.2.4.81": ("dcmdjpls", False),
+    "1.2.840.10008.1.2.5": ("dcmdrle", True),
+}
+
+
+def decompression_tool(transfer_syntax: str) -> tuple[str, bool] | None:
+    """The DCMTK tool that decompresses this transfer syntax, and whether losslessly."""
+    return _DECOMPRESSORS.get(transfer_syntax)
+
+
+def decompress(source: str, target: str, transfer_syntax: str) -> ToolRun:
+    """A copy of source in Explicit VR Little Endian (the tools' default output)."""
+    tool, _lossless = _DECOMPRESSORS[transfer_syntax]
+    return run(tool, [source, target])
+
+
 def store(destination: Destination, paths: Sequence[str], proposal: str = "",
           on_answer: Callable[[str, StoreResult], None] | None = None,
           ) -> tuple[dict[str, StoreResult], str]:
@@ -444,12 +489,20 @@ class _StoreParser:
         self.association_errors: list[str] = []
         self.current: str | None = None
         self.failed: str | None = None
+        self.sop: str = ""  # storescu's short name of the current file's SOP class
+        self.unconvertible: str | None = None  # why the current file's syntax cannot go
         self.on_answer = on_answer  # told each PACS answer as it arrives
 
     def __call__(self, line: str) -> bool:
         """Returns True when the rest of this association is not worth waiting for."""
         if line.startswith(_SENDING):
             self.current, self.failed = line[len(_SENDING):], None
+            self.sop, self.unconvertible = "", None
+        elif request := _STORE_REQUEST.match(line):
+            self.sop = request["sop"]
+        elif (cannot := _CANNOT_CONVERT.search(line)) and self.current:
+            self.unconvertible = (f"the PACS accepts no {cannot['source']} for this file's"
+                                  f" SOP class ({self.sop or 'see the file'})")
         elif (response := _RESPONSE.match(line)) and self.current:
             status = response["status"]
             result = self.results[self.current] = StoreResult(classify_status(status), status)
@@ -461,8 +514,10 @@ class _StoreParser:
             self.current = None
         elif line.startswith(_STORE_FAILED):
             self.failed = line[len(_STORE_FAILED):].rstrip(":")
-            self.results[self.failed] = StoreResult(Outcome.TRANSIENT, "store failed")
-            self.current = None
+            self.results[self.failed] = (
+                StoreResult(Outcome.UNACCEPTED, self.unconvertible) if self.unconvertible
+                else StoreResult(Outcome.TRANSIENT, "store failed"))
+            self.current = self.unconvertible = None
         elif line.startswith(_NO_UID):  # found while checking input files
             self.results[line[len(_NO_UID):]] = StoreResult(Outcome.PERMANENT, line[3:])
         elif line.startswith(("E: ", "F: ")):
@@ -510,8 +565,17 @@ class FindResult:
     """What a PACS lists for one study: SOP Instance UID -> PatientID it is filed under."""
 
     instances: dict[str, str] = field(default_factory=dict)
-    error: str | None = None
-    unsupported: bool = False  # the PACS accepts no C-FIND from us (e.g. storescp)
+    error: str | None = None  # one short line; the whole output is in the JSON log
+    # The PACS will not answer C-FIND from us: it has no such service (storescp), or it
+    # rejects or aborts our query association or refuses the query (Orthanc as Debian ships
+    # it, for AEs not in DicomModalities). Not a PACS that is down.
+    refused: bool = False
+
+
+_REFUSALS = ("No Acceptable Presentation Contexts", "Association Rejected",
+             "Peer aborted Association", "Peer Aborted Association")
+_FINAL_FAILURE = re.compile(r"Received Final Find Response \((?!Success)(?P<status>[^)]*)")
+_ERROR_CODE = re.compile(r"\b[0-9a-f]{4}:[0-9a-f]{4}\b")
 
 
 def find_instances(destination: Destination, study_uid: str) -> FindResult:
@@ -525,9 +589,16 @@ def find_instances(destination: Destination, study_uid: str) -> FindResult:
     parser.close()
     result = FindResult(parser.instances)
     problems = [line[3:] for line in tool_run.lines if line.startswith(("E: ", "F: "))]
-    if tool_run.exit_code != 0 or problems:
-        result.error = "; ".join(problems) or f"findscu exit code {tool_run.exit_code}"
-        result.unsupported = any("No Acceptable Presentation Contexts" in p for p in problems)
+    failures = [m["status"] for line in tool_run.lines if (m := _FINAL_FAILURE.search(line))]
+    if tool_run.exit_code != 0 or problems or failures:
+        said = [p for p in problems if _ERROR_CODE.search(p) or "Association" in p]
+        result.error = "; ".join(dict.fromkeys(
+            said or problems[:1] or [f"final response {f}" for f in failures]
+            or [f"findscu exit code {tool_run.exit_code}"]))
+        accepted = any("Association Accepted" in line for line in tool_run.lines)
+        result.refused = bool(failures) or any(
+            r in p for p in problems for r in _REFUSALS) and (
+            accepted or not any("Association Request Failed" in p for p in problems))
     return result
 
 

@@ -18,6 +18,7 @@ from importer.model import Folder, SourceFile, folder_hash
 from importer.receipt import build_receipt, receipt_path
 from importer.snapshot import folder_lock, unchanged
 from importer.stamp import recover_interrupted_stamp
+from importer.verdict import Fate, Target, decide
 from importer.verify import Verifier
 
 
@@ -63,39 +64,33 @@ def finish(folder: Folder, settings: Settings, journal: Journal, verifier: Verif
     if folder.held:
         event("INFO", "%s: held — %s", display(folder.name), folder.held)
         return
-    required = [d for d in settings.destinations if d.required]
     deliveries = {d.name: journal.lookup([f.key for f in folder.ready], d.name)
                   for d in settings.destinations}
+    targets = [(d, Target(d.label, d.required, verifier.applies(d)))
+               for d in settings.destinations]
     to_archive: list[SourceFile] = []
     for source in folder.ready:
         if source.path in folder.to_quarantine:
             continue  # e.g. filed under another patient: never archived silently
-        state = {d.name: deliveries[d.name][source.key] for d in settings.destinations}
-        missing = [d for d in required if not state[d.name].delivered]
-        unverified = [d for d in required if state[d.name].delivered
-                      and not state[d.name].verified and verifier.applies(d)]
-        if not missing and not unverified:
+        verdict = decide([(target, deliveries[d.name][source.key]) for d, target in targets],
+                         settings.max_attempts)
+        if verdict.fate is Fate.ARCHIVE:
             to_archive.append(source)
-            continue
-        lost = [d for d in missing if state[d.name].not_found >= settings.max_attempts]
-        refused = [d for d in missing if state[d.name].refusals >= settings.max_attempts]
-        if lost or refused:
-            folder.to_quarantine[source.path] = "; ".join(
-                [f"refused by {d.label} {state[d.name].refusals} times:"
-                 f" {state[d.name].last_error}" for d in refused]
-                + [f"acknowledged by {d.label} but not found by C-FIND"
-                   f" {state[d.name].not_found} times" for d in lost])
+        elif verdict.fate is Fate.QUARANTINE:
+            folder.to_quarantine[source.path] = verdict.reason
         else:
-            folder.pending[source.path] = "; ".join(
-                [f"not yet at {d.label}: {state[d.name].last_error}" for d in missing]
-                + [f"not yet verified at {d.label}" for d in unverified])
+            folder.pending[source.path] = verdict.reason
     for d in settings.destinations:
         if not d.required:
             lacking = sum(not deliveries[d.name][f.key].delivered for f in folder.ready)
             if lacking:
                 warn("%s: %d files did not reach optional destination %s",
                      display(folder.name), lacking, d.label)
-    folder.sent = len(to_archive)
+    required = [d for d in settings.destinations if d.required]
+    acknowledged = sum(all(deliveries[d.name][f.key].delivered for d in required)
+                       for f in folder.ready)
+    listed = sum(all(deliveries[d.name][f.key].verified_by == "c-find" for d in required)
+                 for f in folder.ready) if required else 0
     ready_paths = {f.path for f in folder.ready}
     for source in folder.files:  # not stamped at all, e.g. the importer is stopping
         if not (source.path in ready_paths or source.path in folder.to_quarantine
@@ -171,10 +166,13 @@ def finish(folder: Folder, settings: Settings, journal: Journal, verifier: Verif
             warn("%s: left for retry: %s", first, why)
         else:
             warn("%s and %d more files: left for retry: %s", first, len(paths) - 1, why)
-    event("INFO", "%s: %d sent, %d not DICOM (archived unsent), %d quarantined,"
-          " %d left for retry, %d still being written, %d left in place, %.2f s",
-          display(folder.name), folder.sent,
-          len(folder.unsent) if not (folder.pending or folder.writing) else 0,
+    unsent = {f.path for f in folder.unsent}
+    folder.sent = sum(1 for p in archived if p not in quarantine_rel and p not in unsent)
+    event("INFO", "%s: %d acknowledged, %d listed by C-FIND, %d sent and archived, %d not DICOM"
+          " (archived unsent), %d quarantined, %d left for retry, %d still being written,"
+          " %d left in place, %.2f s",
+          display(folder.name), acknowledged, listed, folder.sent,
+          sum(1 for p in archived if p in unsent),
           folder.quarantined, len(folder.pending), len(folder.writing), len(folder.left),
           time.monotonic() - folder.started)
 

@@ -33,20 +33,29 @@ CREATE TABLE IF NOT EXISTS delivery (
     not_found    INTEGER NOT NULL DEFAULT 0,  -- acknowledged, then not listed by C-FIND
     ctime_ns     INTEGER,           -- NULL in rows of versions before it was recorded
     superseded   INTEGER NOT NULL DEFAULT 0,  -- earlier versions this PACS acknowledged
+    verified_by  TEXT,              -- 'c-find', or 'c-store' where no C-FIND could tell
+    verify_error TEXT,              -- why the last C-FIND about it gave no verdict
+    verify_failures INTEGER NOT NULL DEFAULT 0,  -- C-FIND failures while the PACS was up
     PRIMARY KEY (path, destination)
 );
 CREATE TABLE IF NOT EXISTS destination (
     name             TEXT PRIMARY KEY,
     last_success_at  REAL,
     last_failure_at  REAL,
-    last_error       TEXT
+    last_error       TEXT,
+    failing_since    REAL            -- first failure since its last success
 );
 """
 
 
+# Columns added since the first release: (table, column, its definition).
 _MIGRATIONS = (
-    "ALTER TABLE delivery ADD COLUMN ctime_ns INTEGER",
-    "ALTER TABLE delivery ADD COLUMN superseded INTEGER NOT NULL DEFAULT 0",
+    ("delivery", "ctime_ns", "INTEGER"),
+    ("delivery", "superseded", "INTEGER NOT NULL DEFAULT 0"),
+    ("delivery", "verified_by", "TEXT"),
+    ("delivery", "verify_error", "TEXT"),
+    ("delivery", "verify_failures", "INTEGER NOT NULL DEFAULT 0"),
+    ("destination", "failing_since", "REAL"),
 )
 
 # The row is of the same version of the file (a row from before ctime was recorded: by
@@ -66,6 +75,9 @@ _UPSERT = (
     f"  refusals = CASE WHEN {_SAME} THEN refusals + excluded.refusals"
     "    ELSE excluded.refusals END,"
     f"  verified_at = CASE WHEN {_SAME} THEN verified_at END,"
+    f"  verified_by = CASE WHEN {_SAME} THEN verified_by END,"
+    f"  verify_error = CASE WHEN {_SAME} THEN verify_error END,"
+    f"  verify_failures = CASE WHEN {_SAME} THEN verify_failures ELSE 0 END,"
     f"  not_found = CASE WHEN {_SAME} THEN not_found ELSE 0 END,"
     f"  superseded = CASE WHEN {_SAME} OR delivered_at IS NULL THEN superseded"
     "    ELSE superseded + 1 END,"
@@ -94,6 +106,8 @@ class Delivery:
     verified: bool = False
     not_found: int = 0
     superseded: int = 0  # earlier versions of this file the PACS had acknowledged
+    verified_by: str | None = None  # 'c-find', or 'c-store' (no C-FIND could tell)
+    verify_error: str | None = None  # why the last C-FIND gave no verdict
 
 
 class Journal:
@@ -103,10 +117,10 @@ class Journal:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
-        columns = {row[1] for row in self.db.execute("PRAGMA table_info(delivery)")}
-        for statement in _MIGRATIONS:
-            if statement.split()[5] not in columns:
-                self.db.execute(statement)
+        for table, column, definition in _MIGRATIONS:
+            columns = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         self.lock = threading.Lock()  # one connection, shared by the sender threads
 
     def close(self) -> None:
@@ -124,7 +138,8 @@ class Journal:
                 os.fsdecode(row[0]): row[1:]
                 for row in self.db.execute(
                     "SELECT path, size, mtime_ns, delivered_at, attempts, refusals, last_error,"
-                    " last_status, verified_at, not_found, ctime_ns, superseded FROM delivery"
+                    " last_status, verified_at, not_found, ctime_ns, superseded, verified_by,"
+                    " verify_error FROM delivery"
                     " WHERE path >= ? AND path < ? AND destination = ?",
                     (low, low + b"\xff", destination),
                 )
@@ -135,7 +150,9 @@ class Journal:
             if (row and row[0] == key.size and row[1] == key.mtime_ns
                     and row[9] in (None, key.ctime_ns)):
                 known[key] = Delivery(row[2] is not None, row[3], row[4], row[5], row[2],
-                                      row[6], row[7] is not None, row[8], row[10])
+                                      row[6], row[7] is not None, row[8], row[10],
+                                      (row[11] or "c-find") if row[7] is not None else None,
+                                      row[12])
             else:
                 known[key] = Delivery(superseded=(row[10] + (row[2] is not None)) if row else 0)
         return known
@@ -143,9 +160,10 @@ class Journal:
     def record(
         self,
         destination: str,
-        outcomes: Iterable[tuple[FileKey, bool, bool, str]],
+        outcomes: Iterable[tuple[FileKey, bool, int, str]],
     ) -> None:
-        """Store (key, delivered, refused, status) per file after a send, in one transaction."""
+        """Store (key, delivered, refusals, status) per file after a send, in one transaction:
+        refusals is 1 for a refusal, more for one no retry can change."""
         now = time.time()
         outcomes = list(outcomes)
         delivered_any = any(delivered for _k, delivered, _r, _s in outcomes)
@@ -162,18 +180,42 @@ class Journal:
             self.db.execute("INSERT INTO destination (name) VALUES (?) ON CONFLICT DO NOTHING",
                             (destination,))
             if last_success is not None:
-                self.db.execute("UPDATE destination SET last_success_at = ? WHERE name = ?",
+                self.db.execute("UPDATE destination SET last_success_at = ?,"
+                                " failing_since = NULL WHERE name = ?",
                                 (last_success, destination))
             if last_failure is not None:
-                self.db.execute("UPDATE destination SET last_failure_at = ?, last_error = ?"
-                                " WHERE name = ?", (now, last_failure, destination))
+                self.db.execute("UPDATE destination SET last_failure_at = ?, last_error = ?,"
+                                " failing_since = CASE WHEN ? THEN failing_since"
+                                " ELSE COALESCE(failing_since, ?) END WHERE name = ?",
+                                (now, last_failure, last_success is not None, now, destination))
 
-    def mark_verified(self, destination: str, keys: Iterable[FileKey]) -> None:
+    def mark_verified(self, destination: str, keys: Iterable[FileKey],
+                      by: str = "c-find", why: str | None = None) -> None:
+        """The verdict on these files at destination is reached: listed by C-FIND, or (by
+        'c-store', why) its C-STORE answer is all there is. Never asked again."""
         with self.lock, self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.executemany(
-                "UPDATE delivery SET verified_at = ? WHERE path = ? AND destination = ?",
-                ((time.time(), os.fsencode(k.path), destination) for k in keys))
+                "UPDATE delivery SET verified_at = ?, verified_by = ?, verify_error = ?"
+                " WHERE path = ? AND destination = ?",
+                ((time.time(), by, why, os.fsencode(k.path), destination) for k in keys))
+
+    def mark_unverified(self, destination: str, keys: Iterable[FileKey], why: str,
+                        give_up_after: int = 0) -> None:
+        """A C-FIND about these files gave no verdict: they wait, saying why. With
+        give_up_after, this counts as a failure of a PACS that is up, and after that many
+        the C-STORE answer becomes the verdict (verify = auto)."""
+        now = time.time()
+        with self.lock, self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany(
+                "UPDATE delivery SET verify_error = ?,"
+                " verify_failures = verify_failures + (? > 0),"
+                " verified_at = CASE WHEN ? > 0 AND verify_failures + 1 >= ? THEN ? END,"
+                " verified_by = CASE WHEN ? > 0 AND verify_failures + 1 >= ? THEN 'c-store' END"
+                " WHERE path = ? AND destination = ? AND delivered_at IS NOT NULL",
+                ((why, give_up_after, give_up_after, give_up_after, now, give_up_after,
+                  give_up_after, os.fsencode(k.path), destination) for k in keys))
 
     def mark_not_found(self, destination: str, keys: Iterable[FileKey], reason: str) -> None:
         """Acknowledged but not listed: no longer counts as delivered (it is sent again)."""
@@ -194,7 +236,8 @@ class Journal:
     def destinations(self) -> dict[str, dict[str, float | str | None]]:
         """Per destination: when it last took a file, when it last failed, and why."""
         with self.lock:
-            rows = self.db.execute(
-                "SELECT name, last_success_at, last_failure_at, last_error FROM destination")
-            return {name: {"last_success_at": ok, "last_failure_at": bad, "last_error": error}
-                    for name, ok, bad, error in rows}
+            rows = self.db.execute("SELECT name, last_success_at, last_failure_at, last_error,"
+                                   " failing_since FROM destination")
+            return {name: {"last_success_at": ok, "last_failure_at": bad, "last_error": error,
+                           "failing_since": since}
+                    for name, ok, bad, error, since in rows}

@@ -48,6 +48,7 @@ class Folder:
     ready: list[SourceFile] = field(default_factory=list)  # verified identity, sendable
     pending: dict[str, str] = field(default_factory=dict)  # path -> why it waits for retry
     writing: dict[str, str] = field(default_factory=dict)  # path -> why it is not settled yet
+    duplicates: dict[str, str] = field(default_factory=dict)  # path -> same UID as which file
     held: str | None = None
     sent: int = 0
     quarantined: int = 0

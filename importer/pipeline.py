@@ -13,6 +13,7 @@ one after another while the previous one is being sent, so the two cores overlap
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from importer.finish import finish, note_writing, recover, recover_elsewhere
 from importer.folders import display
 from importer.journal import Journal
 from importer.logs import event, warn
-from importer.model import Folder, folder_hash, identity_label
+from importer.model import Folder, SourceFile, folder_hash, identity_label
 from importer.send import Sender
 from importer.share import SettleCheck, could_become_dicom, image_without_pixels
 from importer.snapshot import (
@@ -126,6 +127,7 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
                         break  # shutting down: archive what was delivered, leave the rest
                     del dumps
                     folder.ready = unchanged(folder, folder.ready, "after it was stamped")
+                    _check_duplicate_uids(folder, settings)
                     sender.submit(folder)
             for folder in folders:
                 finish(folder, settings, journal, sender.verifier, batch_stamp)
@@ -145,6 +147,13 @@ def _read_originals(folder: Folder, magic: dict[str, bool],
     data) and changed within INCOMPLETE_GRACE is a copy still under way, not a broken file:
     it is left in place; only once it has stayed unchanged that long is it judged."""
     dumps = dcmtk.dump_tags([f.path for f in folder.files if magic[f.path]], ORIGINAL_TAGS)
+    # Without the preamble and "DICM" a data set is still DICOM if DCMTK reads it, with
+    # its SOP Class and Instance UIDs (stamping writes it back as a file with meta header).
+    without_magic = [f.path for f in folder.files if not magic[f.path]]
+    for path, dump in dcmtk.dump_tags(without_magic, ORIGINAL_TAGS).items():
+        if not dump.error and dump.values.get(dcmtk.SOP_CLASS) and dump.values.get(
+                dcmtk.SOP_INSTANCE_UID):
+            dumps[path] = dump
     folder.files = unchanged(folder, folder.files, "while being read")
     now = time.time()
     candidates = []
@@ -159,23 +168,13 @@ def _read_originals(folder: Folder, magic: dict[str, bool],
             warn("Not a DICOM file: %s/%s (archived with its folder, not sent)",
                  display(folder.name), display(source.rel))
             folder.unsent.append(source)
-        elif dump.error:
+        elif unfinished := _looks_unfinished(dump, _is_dicomdir(source, dump)):
+            while_young, once_old = unfinished
             if young:
-                folder.writing[source.path] = f"incomplete: DCMTK cannot read it yet ({dump.error})"
+                folder.writing[source.path] = f"incomplete: {while_young}"
                 continue
-            folder.to_quarantine[source.path] = f"DCMTK cannot read this file: {dump.error}"
-        elif image_without_pixels(
-                dump.values, dump.values.get(dcmtk.SOP_CLASS)
-                or dump.values.get(dcmtk.MEDIA_STORAGE_SOP_CLASS, ""),
-                dcmtk.ROWS, dcmtk.PIXEL_DATA_TAGS):
-            if young:
-                folder.writing[source.path] = "incomplete: an image without its pixel data yet"
-                continue
-            folder.to_quarantine[source.path] = (
-                "image without pixel data: the header of an image whose pixel data never"
-                " arrived (a copy that stopped); get it again from its source")
-        elif (dump.values.get(dcmtk.MEDIA_STORAGE_SOP_CLASS) == DICOMDIR_SOP_CLASS
-              or os.path.basename(source.path).upper() == "DICOMDIR"):
+            folder.to_quarantine[source.path] = once_old
+        elif _is_dicomdir(source, dump):
             folder.unsent.append(source)  # a CD's index, not an image: never sent
         else:
             source.transfer_syntax = dump.values.get(dcmtk.TRANSFER_SYNTAX, "")
@@ -227,3 +226,65 @@ def _describe(folder: Folder, settings: Settings) -> None:
           display(folder.name), len(folder.files), identity_label(folder.patient, settings),
           targets, len(folder.unsent), len(folder.to_quarantine), len(folder.writing),
           f"; HELD: {folder.held}" if folder.held else "")
+
+
+def _check_duplicate_uids(folder: Folder, settings: Settings) -> None:
+    """Files that share a SOP Instance UID: the PACS holds one instance per UID. The same
+    image twice (a CD copied twice) is fine; different content under one UID is named, and
+    archived (the PACS kept one of them) or quarantined (DUPLICATE_UIDS=quarantine)."""
+    by_uid: dict[str, list[SourceFile]] = {}
+    for source in folder.ready:
+        if source.sop_uid:
+            by_uid.setdefault(source.sop_uid, []).append(source)
+    for uid, same in by_uid.items():
+        if len(same) < 2:
+            continue
+        digests = {f.path: _digest(f.path) for f in same}
+        first = same[0]
+        differing = [f for f in same[1:] if digests[f.path] != digests[first.path]]
+        for f in same[1:]:
+            folder.duplicates[f.path] = first.rel
+        if not differing:
+            continue
+        names = ", ".join(display(f.rel) for f in differing)
+        if settings.duplicate_uids == "quarantine":
+            for f in differing:
+                folder.to_quarantine[f.path] = (
+                    f"same SOP Instance UID {uid} as {first.rel} with different content: a PACS"
+                    " keeps one instance per UID (DUPLICATE_UIDS=quarantine)")
+            folder.ready = [f for f in folder.ready if f.path not in folder.to_quarantine]
+        warn("%s: %s carry the SOP Instance UID of %s with different content; a PACS keeps"
+             " one of them (%s)", display(folder.name), names, display(first.rel),
+             "quarantined" if settings.duplicate_uids == "quarantine" else "sent and archived")
+
+
+def _digest(path: str) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _is_dicomdir(source: SourceFile, dump: dcmtk.Dump) -> bool:
+    return (dump.values.get(dcmtk.MEDIA_STORAGE_SOP_CLASS) == DICOMDIR_SOP_CLASS
+            or os.path.basename(source.path).upper() == "DICOMDIR")
+
+
+def _looks_unfinished(dump: dcmtk.Dump, dicomdir: bool) -> tuple[str, str] | None:
+    """For a file that looks cut short: why it may still be arriving, and the quarantine
+    reason once it has stayed so for INCOMPLETE_GRACE. None: it looks whole."""
+    values = dump.values
+    if dump.error:
+        return (f"DCMTK cannot read it yet ({dump.error})",
+                f"DCMTK cannot read this file: {dump.error}")
+    sop_class = values.get(dcmtk.SOP_CLASS) or values.get(dcmtk.MEDIA_STORAGE_SOP_CLASS, "")
+    if image_without_pixels(values, sop_class, dcmtk.ROWS, dcmtk.PIXEL_DATA_TAGS):
+        return ("an image without its pixel data yet",
+                "image without pixel data: the header of an image whose pixel data never"
+                " arrived (a copy that stopped); get it again from its source")
+    if not dicomdir and not (values.get(dcmtk.SOP_CLASS) and values.get(dcmtk.SOP_INSTANCE_UID)):
+        return ("no SOP Class or Instance UID yet",
+                "no SOP Class UID or SOP Instance UID in the data set: a C-STORE cannot carry"
+                " it (fix it at its source)")
+    return None

@@ -55,13 +55,17 @@ def build_receipt(target_root: Path, folder: Folder, archived: list[tuple[Source
         else:
             entry |= {"sent": True, "sop_instance_uid": source.sop_uid,
                       "study_instance_uid": source.study_uid, "destinations": {}}
+            if source.path in folder.duplicates:  # the PACS holds one instance per UID
+                entry["same_uid_as"] = folder.duplicates[source.path]
             for d in settings.destinations:
                 state = deliveries[d.name][source.key]
                 entry["destinations"][d.name] = {
                     "c_store_status": state.last_status,
                     "time": _iso(state.delivered_at),
-                    "verified_by_c_find": state.verified,
+                    "verified_by_c_find": state.verified_by == "c-find",
                 }
+                if state.verified_by == "c-store":  # no C-FIND could tell: why
+                    entry["destinations"][d.name]["c_store_only"] = state.verify_error
                 if state.superseded:  # this PACS had acknowledged other versions of the file
                     entry["destinations"][d.name]["earlier_versions_sent"] = state.superseded
         receipt["files"].append(entry)
@@ -71,7 +75,7 @@ def build_receipt(target_root: Path, folder: Folder, archived: list[tuple[Source
 def _verification(destination: Destination, verifier: Verifier) -> str:
     if destination.verify == "none":
         return "off (C-STORE answers only)"
-    if destination.name in verifier.unsupported:
+    if destination.name in verifier.refused:
         return "not answered by this PACS (C-STORE answers only)"
     return "c-find"
 

@@ -9,10 +9,14 @@ C-FIND, a folder's files are looked up there as soon as its sends are done.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 from importer import dcmtk
 from importer.config import Destination, Settings
@@ -20,6 +24,7 @@ from importer.folders import display
 from importer.journal import FileKey, Journal
 from importer.logs import error, event, warn
 from importer.model import Folder, SourceFile
+from importer.stamp import WORK_DIR_NAME
 from importer.verify import Verifier
 
 # Against a PACS that answers fast, one more storescu costs more than it gains below ~100
@@ -76,7 +81,7 @@ class Sender:
                 sends = [self.pool.submit(self._send, destination, transfer_syntax, group)
                          for transfer_syntax, group in groups]
                 self.futures += sends
-            if self.verifier.applies(destination):
+            if destination.verify != "none":
                 self.futures.append(
                     self.verify_pool.submit(self._verify, destination, folder, sends))
 
@@ -85,19 +90,25 @@ class Sender:
         """Once this folder's sends to destination are done, ask the PACS what it holds."""
         for send in sends:
             send.exception()  # wait; failures are recorded per file
-        if not self.verifier.applies(destination):
-            return
         known = self.journal.lookup([f.key for f in folder.ready], destination.name)
         check = [f for f in folder.ready if known[f.key].delivered and not known[f.key].verified]
-        if check:
-            wrong = self.verifier.verify(destination, folder.patient.id, check)
-            folder.to_quarantine.update(wrong)
+        if not check:
+            return
+        if not self.verifier.applies(destination):  # it answers no C-FIND from us (auto)
+            self.verifier.rely_on_store(destination, check)
+            return
+        wrong = self.verifier.verify(destination, folder.patient.id, check)
+        folder.to_quarantine.update(wrong)
 
     def _send(self, destination: Destination, transfer_syntax: str,
-              files: list[SourceFile]) -> None:
-        by_path = {f.path: f for f in files}
+              files: list[SourceFile], sent_as: dict[str, SourceFile] | None = None,
+              note: str = "") -> None:
+        """One storescu run; sent_as maps the paths sent (decompressed copies) to the
+        files they stand for, whose journal rows get the answers."""
+        by_path = sent_as or {f.path: f for f in files}
         recorder = _AnswerRecorder(self.journal, destination.name, by_path,
-                                   lambda seconds: self._note_pace(destination.name, seconds))
+                                   lambda seconds: self._note_pace(destination.name, seconds),
+                                   note)
         try:
             results, error = dcmtk.store(destination, list(by_path), transfer_syntax,
                                          on_answer=recorder.add)
@@ -106,11 +117,53 @@ class Sender:
         recorder.flush()
         if error:
             warn("%s: %s", destination.label, error)
-        for source in files:
-            if source.path not in recorder.recorded:
-                recorder.add(source.path, results.get(source.path)
-                             or dcmtk.StoreResult(dcmtk.Outcome.TRANSIENT, error))
+        unaccepted: dict[str, str] = {}
+        for path in by_path:
+            result = results.get(path) or dcmtk.StoreResult(dcmtk.Outcome.TRANSIENT, error)
+            if result.outcome is dcmtk.Outcome.UNACCEPTED and sent_as is None:
+                unaccepted[path] = result.detail
+            elif path not in recorder.recorded:
+                recorder.add(path, result)
         recorder.flush()
+        if unaccepted:
+            self._send_decompressed(destination, [by_path[p] for p in unaccepted], unaccepted)
+
+    def _send_decompressed(self, destination: Destination, files: list[SourceFile],
+                           why: dict[str, str]) -> None:
+        """Files whose transfer syntax the PACS does not accept: a decompressed copy goes
+        where DCMTK can make one (lossy sources only with DECOMPRESS_LOSSY), and the answer
+        says so; otherwise a refusal no retry can change (quarantined, with the reason)."""
+        work_root = self.settings.import_dir / WORK_DIR_NAME
+        work_root.mkdir(exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="decompress-", dir=work_root))
+        try:
+            copies: dict[str, SourceFile] = {}
+            refused: list[tuple[FileKey, bool, int, str]] = []
+            for index, source in enumerate(files):
+                reason = f"{why[source.path]} at {destination.label}"
+                tool = dcmtk.decompression_tool(source.transfer_syntax)
+                if tool is None:
+                    reason += "; DCMTK cannot decompress it"
+                elif not tool[1] and not self.settings.decompress_lossy:
+                    reason += ("; it is lossy-compressed: DECOMPRESS_LOSSY=true sends it"
+                               " decompressed")
+                else:
+                    copy = str(work / f"{index}.dcm")
+                    run = dcmtk.decompress(source.path, copy, source.transfer_syntax)
+                    if run.exit_code == 0 and os.path.exists(copy):
+                        copies[copy] = source
+                        continue
+                    said = " | ".join(line for line in run.lines if line[:3] in ("E: ", "F: "))
+                    reason += f"; {tool[0]} could not decompress it: {said or run.exit_code}"
+                refused.append((source.key, False, self.settings.max_attempts, reason))
+            if refused:
+                self.journal.record(destination.name, refused)
+            if copies:
+                self._send(destination, "", list(copies.values()), copies,
+                           "; sent decompressed to Explicit VR Little Endian: the PACS"
+                           " accepts no transfer syntax of the original")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
     def _note_pace(self, destination: str, seconds: float) -> None:
         with self.pace_lock:
@@ -124,13 +177,14 @@ class _AnswerRecorder:
     0.1 s of answers (and whatever an orphaned storescu sends after its parent died)."""
 
     def __init__(self, journal: Journal, destination: str, files: dict[str, SourceFile],
-                 on_pace: Callable[[float], None]) -> None:
+                 on_pace: Callable[[float], None], note: str = "") -> None:
         self.journal = journal
         self.destination = destination
         self.files = files
         self.on_pace = on_pace  # told the time between two answers of this association
+        self.note = note  # added to each answer's status (e.g. sent decompressed)
         self.recorded: set[str] = set()
-        self.buffer: list[tuple[FileKey, bool, bool, str]] = []
+        self.buffer: list[tuple[FileKey, bool, int, str]] = []
         self.last_flush = time.monotonic()
         self.last_answer: float | None = None
 
@@ -144,7 +198,8 @@ class _AnswerRecorder:
             self.on_pace(now - self.last_answer)
         self.last_answer = now
         self.buffer.append((source.key, result.outcome is dcmtk.Outcome.DELIVERED,
-                            result.outcome is dcmtk.Outcome.PERMANENT, result.detail))
+                            int(result.outcome is dcmtk.Outcome.PERMANENT),
+                            result.detail + self.note))
         if now - self.last_flush > 0.1:
             self.flush()
 

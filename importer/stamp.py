@@ -55,7 +55,7 @@ def stamp(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -> N
     in_place, via_copy = [], []
     for source in to_stamp:
         charset = dumps[source.path].values.get(dcmtk.CHARSET, "")
-        plain = not utf8 or charset in UTF8_CHARSETS
+        plain = (not utf8 or charset in UTF8_CHARSETS) and not _has_un(dumps[source.path])
         (in_place if plain and not os.path.lexists(source.path + ".bak") else via_copy).append(
             source)
     if in_place:
@@ -197,6 +197,16 @@ def _stage_copies(folder: Folder, to_stamp: list[SourceFile], dumps: dict[str, d
     for index, source in enumerate(to_stamp):
         copy = str(work / f"{index}.dcm")
         charset = dumps[source.path].values.get(dcmtk.CHARSET, "")
+        if _has_un(dumps[source.path]):
+            run = dcmtk.convert_un(source.path, copy)  # then stamped as it is
+            if run.exit_code == 0 and os.path.exists(copy):
+                copies[copy] = source
+            else:
+                said = " | ".join(line for line in run.lines if line[:3] in ("E: ", "F: "))
+                folder.to_quarantine[source.path] = (
+                    f"its patient tags are encoded as UN and dcmconv +uc could not give them"
+                    f" their real VR (exit {run.exit_code}: {said})")
+            continue
         if not utf8 or charset in UTF8_CHARSETS:
             target = copy  # stamped as it is
         elif charset in RELABEL_CHARSETS:
@@ -250,9 +260,17 @@ def _stage_copies(folder: Folder, to_stamp: list[SourceFile], dumps: dict[str, d
     return copies
 
 
+def _has_un(dump: dcmtk.Dump) -> bool:
+    """Identity or character set encoded as UN (explicit VR, as some anonymisers write)."""
+    return any(dump.vrs.get(tag) == "UN"
+               for tag in (dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME, dcmtk.CHARSET))
+
+
 def _identity_problem(dump: dcmtk.Dump, patient: Patient, utf8: bool) -> str | None:
     if dump.error:
         return f"unreadable after stamping: {dump.error}"
+    if _has_un(dump):
+        return "its patient tags are encoded as UN"
     values = dump.values
     if values.get(dcmtk.PATIENT_ID) != patient.id:
         return f"PatientID is {values.get(dcmtk.PATIENT_ID)!r}"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from importer import dcmtk
-from importer.config import Settings
+from importer.config import Destination, Settings
 from importer.folders import display
 from importer.journal import Journal
 from importer.snapshot import list_files, scan_import_dir
@@ -50,7 +50,30 @@ def run_checks(settings: Settings) -> list[Check]:
         checks.append(Check(f"C-ECHO {destination.label} ({destination.name}, {role})",
                             run.exit_code == 0,
                             f"answered in {run.seconds:.2f} s" if run.exit_code == 0 else problem))
+        if run.exit_code == 0 and destination.verify != "none":
+            checks.append(_find_probe(destination))
     return checks
+
+
+# A study UID no PACS holds: the probe asks for nothing, it only tests that C-FIND is answered.
+_PROBE_STUDY = "1.2.826.0.1.3680043.8.498.1.0"
+
+
+def _find_probe(destination: Destination) -> Check:
+    """Which verification this destination will get: C-FIND, or its C-STORE answers only."""
+    result = dcmtk.find_instances(destination, _PROBE_STUDY)
+    name = f"C-FIND {destination.label} ({destination.name}, verify = {destination.verify})"
+    if not result.error:
+        return Check(name, True, "answered: files are verified by C-FIND before archiving")
+    if result.refused:
+        aet = destination.calling_aet
+        fix = (f"let {aet} query it (Orthanc: add {aet} to DicomModalities, or set"
+               " DicomAlwaysAllowFind)")
+        if destination.verify == "auto":
+            return Check(name, True, f"refused ({result.error}): C-STORE answers only; to"
+                                     f" verify, {fix}")
+        return Check(name, False, f"refused ({result.error}): files will wait; {fix}")
+    return Check(name, False, f"failed: {result.error}")
 
 
 def gather_status(settings: Settings) -> dict[str, Any]:
@@ -99,6 +122,7 @@ def gather_status(settings: Settings) -> dict[str, Any]:
             "last_success": _when(entry.get("last_success_at")),
             "last_failure": _when(entry.get("last_failure_at")),
             "last_error": entry.get("last_error"),
+            "failing_since": _when(entry.get("failing_since")),
         })
     return {"import_dir": str(settings.import_dir), "pending": pending,
             "unmatched": [display(n) for n in unmatched], "held": held,

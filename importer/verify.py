@@ -32,54 +32,78 @@ class Verifier:
     def __init__(self, settings: Settings, journal: Journal) -> None:
         self.settings = settings
         self.journal = journal
-        self.unsupported: set[str] = set()  # destinations (auto) that answer no C-FIND
+        self.refused: dict[str, str] = {}  # destination -> why it answers no C-FIND from us
         self.lock = threading.Lock()
 
     def applies(self, destination: Destination) -> bool:
-        """Whether files must be verified at this destination before they are archived."""
-        return destination.verify != "none" and destination.name not in self.unsupported
+        """Whether files must be listed by C-FIND at this destination before archiving."""
+        if destination.verify == "none":
+            return False
+        return destination.verify == "c-find" or destination.name not in self.refused
 
     def verify(self, destination: Destination, patient_id: str,
                files: Iterable[Instance]) -> dict[str, str]:
         """Query until every file is listed (or attempts run out); record the verdicts.
 
         Returns path -> reason for files the PACS filed under another PatientID: those
-        must never be archived silently.
+        must never be archived silently. Files sharing a SOP Instance UID (the same image
+        twice) share its verdict: the PACS holds one instance per UID.
         """
-        waiting = {f.sop_uid: f for f in files if f.sop_uid}
+        waiting: dict[str, list[Instance]] = {}
+        for f in files:
+            if f.sop_uid:
+                waiting.setdefault(f.sop_uid, []).append(f)
         wrong: dict[str, str] = {}
         for attempt in range(self.settings.verify_attempts):
             if attempt and dcmtk.stop_requested(self.settings.verify_delay):
                 return wrong
-            listed = self._listed(destination, {f.study_uid for f in waiting.values()})
-            if listed is None:
-                return wrong  # no C-FIND here (said once) or the query failed: try later
+            studies = {f.study_uid for same in waiting.values() for f in same}
+            listed, failed = self._listed(destination, studies)
+            if listed is None:  # refused (auto: the C-STORE answers are the verdict) or down
+                self._no_verdict(destination, [f for same in waiting.values() for f in same])
+                return wrong
+            if failed:  # those studies only: they wait, or after enough tries rely on C-STORE
+                stuck = [f for same in waiting.values() for f in same if f.study_uid in failed]
+                for study, why in failed.items():
+                    self.journal.mark_unverified(
+                        destination.name, [f.key for f in stuck if f.study_uid == study],
+                        f"C-FIND failed for its study: {why}",
+                        give_up_after=self.settings.max_attempts
+                        if destination.verify == "auto" else 0)
+                waiting = {uid: same for uid, same in waiting.items()
+                           if same[0].study_uid not in failed}
             verified = []
             for uid, pacs_patient_id in listed.items():
-                source = waiting.pop(uid, None)
-                if source is None:
-                    continue
-                if pacs_patient_id == patient_id:
-                    verified.append(source.key)
-                else:
-                    wrong[source.path] = (
-                        f"{destination.label} files this instance (SOP Instance UID {uid}) under"
-                        f" PatientID {pacs_patient_id!r}, not the folder's {patient_id!r}:"
-                        " an existing record there may hold this instance; check the PACS")
+                for source in waiting.pop(uid, []):
+                    if pacs_patient_id == patient_id:
+                        verified.append(source.key)
+                    else:
+                        wrong[source.path] = (
+                            f"{destination.label} files this instance (SOP Instance UID {uid})"
+                            f" under PatientID {pacs_patient_id!r}, not the folder's"
+                            f" {patient_id!r}: an existing record there may hold this instance;"
+                            " check the PACS")
             self.journal.mark_verified(destination.name, verified)
             if not waiting:
                 break
         if waiting:
             self.journal.mark_not_found(
-                destination.name, [f.key for f in waiting.values()],
+                destination.name, [f.key for same in waiting.values() for f in same],
                 f"acknowledged by {destination.label} but not found by C-FIND")
         return wrong
+
+    def rely_on_store(self, destination: Destination, files: Iterable[Instance]) -> None:
+        """Where no C-FIND can tell (auto), the C-STORE answer is the verdict, remembered so
+        that a later run never asks this destination about these files again."""
+        why = self.refused.get(destination.name, "no C-FIND")
+        self.journal.mark_verified(destination.name, [f.key for f in files], by="c-store",
+                                   why=why)
 
     def already_there(self, destination: Destination, patient_id: str,
                       files: list[Instance]) -> set[str]:
         """Paths of files the PACS already lists under the folder's ID (from an earlier
         run whose acknowledgement was lost): they count as delivered without resending."""
-        listed = self._listed(destination, {f.study_uid for f in files if f.study_uid})
+        listed, _failed = self._listed(destination, {f.study_uid for f in files if f.study_uid})
         if not listed:
             return set()
         found = [f for f in files if listed.get(f.sop_uid) == patient_id]
@@ -88,21 +112,50 @@ class Verifier:
         self.journal.mark_verified(destination.name, [f.key for f in found])
         return {f.path for f in found}
 
-    def _listed(self, destination: Destination, studies: set[str]) -> dict[str, str] | None:
+    def _no_verdict(self, destination: Destination, files: list[Instance]) -> None:
+        if destination.name in self.refused and destination.verify == "auto":
+            self.rely_on_store(destination, files)
+        elif destination.name in self.refused:  # c-find required: the files wait
+            self.journal.mark_unverified(destination.name, [f.key for f in files],
+                                         self.refused[destination.name])
+
+    def _listed(self, destination: Destination,
+                studies: set[str]) -> tuple[dict[str, str] | None, dict[str, str]]:
+        """SOP Instance UID -> PatientID for the studies, and the studies whose query failed
+        (while the PACS answered others); None when it answers no C-FIND from us at all,
+        or is down."""
         listed: dict[str, str] = {}
+        failed: dict[str, str] = {}
         for study in sorted(studies):
+            if destination.name in self.refused:
+                return None, {}
             result = dcmtk.find_instances(destination, study)
-            if result.unsupported and destination.verify == "auto":
-                with self.lock:
-                    first = destination.name not in self.unsupported
-                    self.unsupported.add(destination.name)
-                if first:
-                    warn("%s answers no C-FIND (%s): relying on its C-STORE answers"
-                         " (verify = auto)", destination.label, result.error)
-                return None
-            if result.error:
+            if result.refused:
+                self._refused(destination, result.error or "refused")
+                return None, {}
+            if result.error and _down(result):
                 warn("C-FIND at %s failed: %s; files stay until it answers",
                      destination.label, result.error)
-                return None
+                return None, {}
+            if result.error:
+                failed[study] = result.error
+                continue
             listed.update(result.instances)
-        return listed
+        return listed, failed
+
+    def _refused(self, destination: Destination, error: str) -> None:
+        aet = destination.calling_aet
+        why = (f"{destination.label} answers no C-FIND from {aet} ({error}). To have files"
+               f" verified there, let {aet} query it (Orthanc: add {aet} to DicomModalities,"
+               " or set DicomAlwaysAllowFind)")
+        with self.lock:
+            first = destination.name not in self.refused
+            self.refused[destination.name] = why
+        if first and destination.verify == "auto":
+            warn("%s; relying on its C-STORE answers (verify = auto)", why)
+        elif first:
+            warn("%s; files wait for it (verify = c-find)", why)
+
+
+def _down(result: dcmtk.FindResult) -> bool:
+    return "Association Request Failed" in (result.error or "")

@@ -74,7 +74,8 @@ def test_folders_are_stamped_sent_and_archived(site: Site, storescp: StoreSCP) -
     # Console keeps the old tags; JSON logs hold one record per DCMTK call.
     for tag in ("[PHASE 1]", "[PHASE 1.5]", "[PHASE 2]", "[PHASE 3]", "[INFO]"):
         assert tag in result.stderr
-    assert "#12345-Doe^John: 5 sent" in result.stderr
+    assert ("#12345-Doe^John: 5 acknowledged, 0 listed by C-FIND, 5 sent and archived"
+            in result.stderr)
     tools = [r for r in site.log_records() if "tool" in r]
     assert {r["tool"] for r in tools} >= {"dcmftest", "dcmdump", "dcmodify", "storescu"}
     store = next(r for r in tools if r["tool"] == "storescu")

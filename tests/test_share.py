@@ -377,7 +377,7 @@ def test_watch_parallel_slow_writes_do_not_hold_back_another_folder(
                "data = open(sys.argv[1], 'rb').read()\n"
                "with open(sys.argv[2], 'wb') as fh:\n"
                "    for i in range(0, len(data), 4096):\n"
-               "        fh.write(data[i:i + 4096]); fh.flush(); time.sleep(0.15)\n")
+               "        fh.write(data[i:i + 4096]); fh.flush(); time.sleep(0.3)\n")
     writers = [subprocess.Popen([sys.executable, "-c", script, str(sources / f"IM0000{i}.dcm"),
                                  str(slow / f"IM0000{i}.dcm")]) for i in range(1, 5)]
     time.sleep(0.5)
