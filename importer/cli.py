@@ -195,6 +195,14 @@ def status(verbose: bool, as_json: bool, **flags: Any) -> None:
     click.echo(f"Quarantined files: {len(report['quarantined'])}")
     for item in report["quarantined"]:
         click.echo(f"  {item['file']}: {item['reason']}")
+    if report["missing_at_pacs"]:
+        click.echo(f"Archived, missing at PACS (kept past retention; importer resend):"
+                   f" {len(report['missing_at_pacs'])}")
+        for item in report["missing_at_pacs"]:
+            for name, d in item["destinations"].items():
+                lost = len(d["missing"]) + len(d["under_another_patient_id"])
+                if lost:
+                    click.echo(f"  {item['folder']}: {lost} instances missing at {name}")
     click.echo("Destinations:")
     for item in report["destinations"]:
         click.echo(f"  {item['destination']} ({item['name']}"
@@ -218,18 +226,32 @@ def prune(verbose: bool, confirmed: bool, **flags: Any) -> None:
     logs.setup(settings.log_dir if confirmed else None, verbose=verbose)
     from importer.retention import prune as prune_expired
 
-    items = prune_expired(settings, dry_run=not confirmed)
-    for item, problem in items:
-        if problem:
-            click.echo(f"could not delete all of {item.kind} {item.path}: {problem}", err=True)
-        else:
+    results = prune_expired(settings, dry_run=not confirmed)
+    unchecked = 0
+    for result in results:
+        item = result.item
+        for folder, why in result.kept:
+            click.echo(f"kept {folder} ({item.age_days:.0f} days old): {why}")
+        unchecked += len(result.unchecked)
+        if result.problem:
+            click.echo(f"could not delete all of {item.kind} {item.path}: {result.problem}",
+                       err=True)
+        elif not result.kept:
             click.echo(f"{'deleted' if confirmed else 'would delete'} {item.kind}"
                        f" {item.path} ({item.age_days:.0f} days old)")
-    if not items:
+        else:
+            gone = len(result.folders) - len(result.kept)
+            click.echo(f"{'deleted' if confirmed else 'would delete'} {gone} of the folders"
+                       f" in archive {item.path}")
+    if unchecked:
+        first = next(why for r in results for _f, why in r.unchecked)
+        click.echo(f"{unchecked} archived folders could not be checked with a PACS, and"
+                   f" {'went' if confirmed else 'would go'} all the same: {first}")
+    if not results:
         click.echo("nothing older than the retention periods")
     elif not confirmed:
         click.echo("dry run: add --yes to delete")
-    if any(problem for _item, problem in items):
+    if any(r.problem for r in results):
         sys.exit(1)
 
 
@@ -256,6 +278,60 @@ def retry(verbose: bool, paths: tuple[str, ...], **flags: Any) -> None:
         for target in restored:
             logs.event("INFO", "Back for import: %s", target)
     click.echo(f"{total} files put back into {settings.import_dir}")
+
+
+@main.command()
+@_common_options
+@click.option("--since", type=click.IntRange(0), metavar="DAYS",
+              help="Only folders archived in the last DAYS days.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_user_errors
+def audit(verbose: bool, since: int | None, as_json: bool, **flags: Any) -> None:
+    """Ask each PACS whether it still holds every archived instance (one C-FIND per study),
+    without deleting anything. Exit 1 if a PACS lacks any."""
+    settings = _settings(flags)
+    logs.setup(None, verbose=verbose)
+    from importer.audit import Auditor, archived_folders, remember
+    from importer.retention import archive_batches
+
+    auditor = Auditor(settings)
+    found = []
+    for batch in archive_batches(settings, since_days=since):
+        for folder in archived_folders(batch):
+            result = auditor.audit(folder)
+            remember(settings, result)
+            found.append(result)
+    if as_json:
+        click.echo(json.dumps([a.as_dict() for a in found], ensure_ascii=False, indent=2))
+    for result in [] if as_json else found:
+        if not result.has_receipt:
+            click.echo(f"{result.folder}: no receipt (not checked)")
+        for name, d in result.destinations.items():
+            state = (f"not checked: {d.unknown}" if d.unknown else
+                     f"{d.listed} listed, {len(d.missing)} missing,"
+                     f" {len(d.elsewhere)} under another PatientID")
+            click.echo(f"{result.folder}: {d.label or name}: {state}")
+    lacking = [a for a in found if not a.intact]
+    if not as_json:
+        click.echo(f"{len(found)} archived folders, {len(lacking)} with instances missing at a"
+                   " PACS")
+    sys.exit(1 if lacking else 0)
+
+
+@main.command()
+@_common_options
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@_user_errors
+def resend(verbose: bool, folder: str, **flags: Any) -> None:
+    """Send again what a PACS lost of an archived folder (ARCHIVE_DIR/<ts>/<folder>): the
+    instances a PACS no longer lists go back through the pipeline (same identity, same
+    checks, a new receipt), only to the PACS that lack them. Then the folder can be pruned."""
+    settings = _settings(flags)
+    logs.setup(settings.log_dir, verbose=verbose)
+    from importer.resend import resend_missing
+
+    with logs.batch_log(settings.log_dir):
+        sys.exit(resend_missing(settings, folder))
 
 
 @main.command()

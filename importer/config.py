@@ -70,6 +70,8 @@ class Settings:
     incomplete_grace: int = 3600  # an unreadable file unchanged this long is broken, not late
     duplicate_uids: str = "archive"  # one SOP Instance UID, different content: or quarantine
     decompress_lossy: bool = False  # send lossy JPEG decompressed where a PACS accepts no JPEG
+    prune_verify: str = "auto"  # archives no PACS can be asked about: auto deletes, required keeps
+    audit_interval_days: int = 0  # watch audits every archived folder this often (0: never)
     dry_run: bool = False
 
 
@@ -98,6 +100,8 @@ _SCALARS: dict[str, tuple[str, Any]] = {
     "incomplete_grace": ("INCOMPLETE_GRACE", 3600),
     "duplicate_uids": ("DUPLICATE_UIDS", "archive"),
     "decompress_lossy": ("DECOMPRESS_LOSSY", False),
+    "prune_verify": ("PRUNE_VERIFY", "auto"),
+    "audit_interval_days": ("AUDIT_INTERVAL_DAYS", 0),
 }
 
 # Environment variables of the old scripts, per destination: field -> variable.
@@ -166,6 +170,8 @@ def load_settings(
         incomplete_grace=get("incomplete_grace", _int_range(0, 30 * 86400)),
         duplicate_uids=get("duplicate_uids", _choice("archive", "quarantine")),
         decompress_lossy=get("decompress_lossy", _bool),
+        prune_verify=get("prune_verify", _choice("auto", "required")),
+        audit_interval_days=get("audit_interval_days", _int_range(0, 3650)),
         dry_run=bool(flags.get("dry_run", False)),
     )
     _check_dirs(settings, raw, create=create_dirs and not settings.dry_run)

@@ -3,7 +3,9 @@
 Only what this program wrote is ever removed: per-batch logs named
 ``<yyyymmdd-HHMMSS>.log`` and archive batches named ``<yyyymmdd_hhmmss>``; the age comes
 from that name, so copying an archive elsewhere (new mtimes) does not keep it alive or
-kill it early. Quarantined files are never pruned: a person has to look at them.
+kill it early. Quarantined files are never pruned: a person has to look at them. An
+archived folder is deleted only once each PACS has been asked whether it still holds it
+(audit.py): the archive may be the last copy.
 """
 
 from __future__ import annotations
@@ -11,11 +13,15 @@ from __future__ import annotations
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from importer.audit import Auditor, archived_folders, forget, remember
 from importer.config import Settings
+from importer.logs import warn
+from importer.receipt import receipt_path
 
 _BATCH_LOG = re.compile(r"^(\d{8}-\d{6})\.log$")
 _ARCHIVE_BATCH = re.compile(r"^(\d{8}_\d{6})$")
@@ -52,16 +58,71 @@ def expired(settings: Settings, now: datetime | None = None) -> list[Expired]:
     return found
 
 
-def prune(settings: Settings, *, dry_run: bool,
-          now: datetime | None = None) -> list[tuple[Expired, str | None]]:
-    """Remove what has expired (or only list it). Returns each item with the error that
-    kept (part of) it, if any: one unremovable file (say, root-owned archives of the old
-    scripts) must not stop the rest."""
-    results: list[tuple[Expired, str | None]] = []
+@dataclass
+class Pruned:
+    item: Expired
+    problem: str | None = None  # what could not be deleted (e.g. root-owned old archives)
+    kept: list[tuple[Path, str]] = field(default_factory=list)  # folders kept, and why
+    unchecked: list[tuple[Path, str]] = field(default_factory=list)  # deleted unasked: why
+    folders: list[Path] = field(default_factory=list)  # the archived folders looked at
+
+
+def archive_batches(settings: Settings, since_days: int | None = None,
+                    now: datetime | None = None) -> list[Path]:
+    """Archive batch directories (<yyyymmdd_hhmmss>), oldest first; with since_days only
+    those of the last since_days days."""
+    now = now or datetime.now()
+    batches = []
+    if settings.archive_dir.is_dir():
+        for entry in sorted(settings.archive_dir.iterdir()):
+            match = _ARCHIVE_BATCH.match(entry.name)
+            if not match or entry.is_symlink() or not entry.is_dir():
+                continue
+            try:
+                when = datetime.strptime(match.group(1), "%Y%m%d_%H%M%S")
+            except ValueError:
+                continue
+            if since_days is None or now - when <= timedelta(days=since_days):
+                batches.append(entry)
+    return batches
+
+
+def prune(settings: Settings, *, dry_run: bool, now: datetime | None = None,
+          on_folder: Callable[[Path, bool, str], None] | None = None) -> list[Pruned]:
+    """Remove what has expired (or only list it): logs by age; archived folders by age
+    once each PACS still holds them (see audit.py; the dry run asks too). One unremovable
+    file must not stop the rest. on_folder(folder, deleting, why) is told each verdict."""
+    results: list[Pruned] = []
+    auditor = Auditor(settings)
     for item in expired(settings, now):
-        problems = [] if dry_run else _remove(item.path)
-        results.append((item, "; ".join(problems[:3]) + (" …" if len(problems) > 3 else "")
-                        if problems else None))
+        result = Pruned(item)
+        targets = [item.path]
+        if item.kind == "archive":
+            targets = []
+            result.folders = archived_folders(item.path)
+            for folder in result.folders:
+                audit = auditor.audit(folder)
+                allowed, why = audit.may_delete(settings.prune_verify)
+                if on_folder is not None:
+                    on_folder(folder, allowed, why)
+                if not allowed:
+                    warn("Kept %s past retention: %s", folder, why)
+                    result.kept.append((folder, why))
+                    if not dry_run:
+                        remember(settings, audit)
+                    continue
+                if why != "every instance still listed":
+                    result.unchecked.append((folder, why))
+                targets += [folder, receipt_path(folder)]
+            if not result.kept:
+                targets = [item.path]  # the whole batch, with anything else in it
+        problems = [] if dry_run else [p for t in targets for p in _remove(t)]
+        if not dry_run and item.kind == "archive":
+            for target in targets:
+                forget(settings, target)
+        result.problem = ("; ".join(problems[:3]) + (" …" if len(problems) > 3 else "")
+                          if problems else None)
+        results.append(result)
     return results
 
 
@@ -82,7 +143,8 @@ def _remove(path: Path) -> list[str]:
     return problems
 
 
-def seconds_until_daily(last: float | None, now: float | None = None) -> float:
-    """For `watch`: prune at start, then once a day."""
+def seconds_until_daily(last: float | None, now: float | None = None,
+                        period: float = 86400.0) -> float:
+    """For `watch`: prune at start, then once a day (or once a period)."""
     now = time.monotonic() if now is None else now
-    return 0.0 if last is None else max(0.0, last + 86400 - now)
+    return 0.0 if last is None else max(0.0, last + period - now)

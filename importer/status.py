@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from importer import dcmtk
+from importer.audit import missing_at_pacs
 from importer.config import Destination, Settings
 from importer.folders import display
 from importer.journal import Journal
@@ -127,6 +128,7 @@ def gather_status(settings: Settings) -> dict[str, Any]:
     return {"import_dir": str(settings.import_dir), "pending": pending,
             "unmatched": [display(n) for n in unmatched], "held": held,
             "quarantined": quarantined,
+            "missing_at_pacs": missing_at_pacs(settings),
             "destinations": destinations}
 
 

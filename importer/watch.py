@@ -20,12 +20,13 @@ from pathlib import Path
 from inotify_simple import INotify, flags
 
 from importer import dcmtk, logs
+from importer.audit import Auditor, archived_folders, remember
 from importer.config import Settings
 from importer.debounce import QuietTimers
 from importer.folders import display, parse_folder_name
 from importer.logs import event, warn
 from importer.pipeline import run_batch
-from importer.retention import prune, seconds_until_daily
+from importer.retention import archive_batches, prune, seconds_until_daily
 from importer.snapshot import list_files, scan_import_dir, warn_unmatched
 
 # MODIFY too: a long write shows only MODIFY events between CREATE and CLOSE_WRITE, and a
@@ -49,6 +50,7 @@ class Watcher:
         self.retrying: set[str] = set()
         self.noted_writing: set[str] = set()  # files already reported as still being written
         self.last_prune: float | None = None
+        self.last_audit = time.monotonic()  # the first audit one interval after start
         self.heartbeat = settings.state_dir / "heartbeat"
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stop = False
@@ -70,6 +72,10 @@ class Watcher:
                 self._beat()
                 if seconds_until_daily(self.last_prune) == 0:
                     self._prune()
+                audit_period = self.settings.audit_interval_days * 86400.0
+                if audit_period and seconds_until_daily(self.last_audit,
+                                                        period=audit_period) == 0:
+                    self._audit()
                 timeout = min(HEARTBEAT_SECONDS, max(0.0, next_rescan - time.monotonic()),
                               seconds_until_daily(self.last_prune))
                 pending = self.timers.seconds_until_next()
@@ -107,11 +113,32 @@ class Watcher:
         except OSError as exc:
             warn("Pruning old logs and archives failed: %s", exc)
             return
-        for item, problem in removed:
-            if problem:
-                warn("Could not prune all of %s %s: %s", item.kind, item.path, problem)
-            else:
+        for result in removed:
+            item = result.item
+            if result.problem:
+                warn("Could not prune all of %s %s: %s", item.kind, item.path, result.problem)
+            elif len(result.kept) < max(1, len(result.folders)):
                 event("INFO", "Pruned %s %s (%d days old)", item.kind, item.path, item.age_days)
+        unchecked = [why for result in removed for _folder, why in result.unchecked]
+        if unchecked:
+            event("INFO", "%d archived folders pruned without asking a PACS: %s",
+                  len(unchecked), unchecked[0])
+
+    def _audit(self) -> None:
+        """Every AUDIT_INTERVAL_DAYS: does each PACS still hold every archived instance?"""
+        self.last_audit = time.monotonic()
+        auditor = Auditor(self.settings)
+        folders = lacking = 0
+        for batch in archive_batches(self.settings):
+            for folder in archived_folders(batch):
+                result = auditor.audit(folder)
+                remember(self.settings, result)
+                folders += 1
+                if not result.intact:
+                    lacking += 1
+                    warn("Audit: %s: %s", folder, result.may_delete("auto")[1])
+        event("INFO", "Audit: %d archived folders, %d with instances missing at a PACS",
+              folders, lacking)
 
     def _beat(self) -> None:
         try:
