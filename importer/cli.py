@@ -112,7 +112,10 @@ def run_once(dry_run: bool, verbose: bool, **flags: Any) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    with logs.batch_log(None if dry_run else settings.log_dir):
+    from importer.progress import Progress, activate
+
+    with logs.batch_log(None if dry_run else settings.log_dir), Progress() as live:
+        activate(live)
         try:
             report = run_batch(settings)
         except Stopped:

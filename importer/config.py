@@ -72,6 +72,12 @@ class Settings:
     decompress_lossy: bool = False  # send lossy JPEG decompressed where a PACS accepts no JPEG
     prune_verify: str = "auto"  # archives no PACS can be asked about: auto deletes, required keeps
     audit_interval_days: int = 0  # watch audits every archived folder this often (0: never)
+    status_listen: tuple[str, int] | None = None  # watch serves its status page here
+    status_token: str = ""  # required on any address but loopback
+    status_tls_cert: Path | None = None
+    status_tls_key: Path | None = None
+    alert_webhook: str = ""  # JSON POST on quarantine, held folder, destination down/up
+    alert_after: int = 900  # seconds a destination may fail before an alert
     dry_run: bool = False
 
 
@@ -102,6 +108,12 @@ _SCALARS: dict[str, tuple[str, Any]] = {
     "decompress_lossy": ("DECOMPRESS_LOSSY", False),
     "prune_verify": ("PRUNE_VERIFY", "auto"),
     "audit_interval_days": ("AUDIT_INTERVAL_DAYS", 0),
+    "status_listen": ("STATUS_LISTEN", ""),
+    "status_token": ("STATUS_TOKEN", ""),
+    "status_tls_cert": ("STATUS_TLS_CERT", ""),
+    "status_tls_key": ("STATUS_TLS_KEY", ""),
+    "alert_webhook": ("ALERT_WEBHOOK", ""),
+    "alert_after": ("ALERT_AFTER", 900),
 }
 
 # Environment variables of the old scripts, per destination: field -> variable.
@@ -172,9 +184,16 @@ def load_settings(
         decompress_lossy=get("decompress_lossy", _bool),
         prune_verify=get("prune_verify", _choice("auto", "required")),
         audit_interval_days=get("audit_interval_days", _int_range(0, 3650)),
+        status_listen=get("status_listen", _listen),
+        status_token=str(raw("status_token")[0] or ""),
+        status_tls_cert=get("status_tls_cert", _optional_file),
+        status_tls_key=get("status_tls_key", _optional_file),
+        alert_webhook=get("alert_webhook", _url),
+        alert_after=get("alert_after", _int_range(0, 7 * 86400)),
         dry_run=bool(flags.get("dry_run", False)),
     )
     _check_dirs(settings, raw, create=create_dirs and not settings.dry_run)
+    _check_status_page(settings, raw)
     return settings
 
 
@@ -346,6 +365,48 @@ def _pattern(value: Any, source: str) -> re.Pattern[str]:
         return compile_pattern(str(value))
     except PatternError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def _listen(value: Any, source: str) -> tuple[str, int] | None:
+    text = str(value or "").strip()
+    if not text:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{source}: {text!r} is not HOST:PORT (e.g. 127.0.0.1:8088)")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _optional_file(value: Any, source: str) -> Path | None:
+    if not value:
+        return None
+    path = Path(str(value))
+    if not path.is_file():
+        raise ConfigError(f"{source}: {path} is not a file")
+    return path
+
+
+def _url(value: Any, source: str) -> str:
+    text = str(value or "").strip()
+    if text and not re.match(r"^https?://[^\s/]+", text):
+        raise ConfigError(f"{source}: {text!r} is not an http(s) URL")
+    return text
+
+
+_LOOPBACK = ("127.", "::1", "localhost")
+
+
+def _check_status_page(settings: Settings, raw: Callable[[str], tuple[Any, str]]) -> None:
+    """A status page on any address but loopback needs a token: it shows patient folders."""
+    if settings.status_listen is None:
+        return
+    host = settings.status_listen[0]
+    if not host.startswith(_LOOPBACK) and not settings.status_token:
+        raise ConfigError(f"{raw('status_listen')[1]}: listening on {host} needs a token:"
+                          f" set {raw('status_token')[1]}")
+    if bool(settings.status_tls_cert) != bool(settings.status_tls_key):
+        raise ConfigError(f"{raw('status_tls_cert')[1]} and {raw('status_tls_key')[1]}:"
+                          " give both, or neither")
 
 
 def _check_dirs(settings: Settings, raw: Callable[[str], tuple[Any, str]], *, create: bool) -> None:

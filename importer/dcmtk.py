@@ -25,7 +25,7 @@ from typing import Any
 
 import sh
 
-from importer import logs
+from importer import logs, metrics
 from importer.config import Destination
 from importer.folders import Patient
 
@@ -180,6 +180,7 @@ def run(
         with _running_lock:
             _running.pop(id(running), None)
     result = ToolRun(tool, [tool, *args], exit_code, time.monotonic() - started, lines)
+    metrics.tool_ran(tool, result.seconds)
     argv, output = result.argv, lines
     if logs.hiding_names():  # LOG_PATIENT_NAMES=false: no PatientName value in the record
         argv = [mask_patient_name(arg) for arg in argv]

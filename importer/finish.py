@@ -9,6 +9,7 @@ import os
 import time
 from pathlib import Path
 
+from importer import alerts, metrics
 from importer.archive import Plan, PlanResult, carry_out, free_name, remove_empty_dirs
 from importer.config import Settings
 from importer.folders import display
@@ -63,6 +64,7 @@ def finish(folder: Folder, settings: Settings, journal: Journal, verifier: Verif
     the folder's ID); quarantine what cannot be sent; leave the rest; report."""
     if folder.held:
         event("INFO", "%s: held — %s", display(folder.name), folder.held)
+        alerts.notify("held", folder.name, f"{display(folder.name)} held: {folder.held}")
         return
     deliveries = {d.name: journal.lookup([f.key for f in folder.ready], d.name)
                   for d in settings.destinations}
@@ -149,6 +151,13 @@ def finish(folder: Folder, settings: Settings, journal: Journal, verifier: Verif
                  display(quarantine_rel[path]), display(str(failed_root)),
                  folder.to_quarantine[path])
             folder.quarantined += 1
+    if folder.quarantined:
+        metrics.inc("dicom_importer_quarantined_total", folder.quarantined)
+        first = next(p for p in archived if p in quarantine_rel)
+        alerts.notify("quarantined", folder.name,
+                      f"{folder.quarantined} files of {display(folder.name)} quarantined in"
+                      f" {failed_root}: {folder.to_quarantine[first]}")
+    metrics.inc("dicom_importer_archived_total", len(archived) - folder.quarantined)
     if outcome.receipt_error:
         error("%s: the receipt %s could not be written: %s", display(folder.name),
               display(plan.receipt_path or ""), outcome.receipt_error)

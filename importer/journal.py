@@ -233,6 +233,13 @@ class Journal:
             self.db.executemany("DELETE FROM delivery WHERE path = ?",
                                 ((os.fsencode(p),) for p in paths))
 
+    def undelivered_counts(self) -> dict[str, int]:
+        """Per destination: files in the import dir it has not acknowledged yet."""
+        with self.lock:
+            rows = self.db.execute("SELECT destination, COUNT(*) FROM delivery"
+                                   " WHERE delivered_at IS NULL GROUP BY destination")
+            return dict(rows.fetchall())
+
     def destinations(self) -> dict[str, dict[str, float | str | None]]:
         """Per destination: when it last took a file, when it last failed, and why."""
         with self.lock:

@@ -15,7 +15,7 @@ import threading
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,26 @@ class ConsoleFormatter(logging.Formatter):
         return redact(text)
 
 
+_around: tuple[Callable[[], None] | None, Callable[[], None] | None] = (None, None)
+
+
+def console_around(before: Callable[[], None] | None,
+                   after: Callable[[], None] | None) -> None:
+    """Run before/after each console line (a live progress line clears and redraws)."""
+    global _around
+    _around = (before, after)
+
+
+class _ConsoleHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    def emit(self, record: logging.LogRecord) -> None:
+        before, after = _around
+        if before is not None and record.levelno >= self.level:
+            before()
+        super().emit(record)
+        if after is not None and record.levelno >= self.level:
+            after()
+
+
 _JSON_FORMATTER: JsonFormatter | None = None
 
 
@@ -152,7 +172,7 @@ def setup(log_dir: Path | None, *, verbose: bool = False) -> None:
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
-    console = logging.StreamHandler(sys.stderr)
+    console = _ConsoleHandler(sys.stderr)
     console.setLevel(logging.DEBUG if verbose else logging.INFO)
     console.setFormatter(ConsoleFormatter())
     root.addHandler(console)

@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from importer import dcmtk, logs
+from importer import dcmtk, logs, progress
 from importer.config import Settings
 from importer.finish import finish, note_writing, recover, recover_elsewhere
 from importer.folders import display
@@ -94,6 +94,7 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
             set_aside_unsettled(folder, settle)
             if folder.files or folder.writing:
                 folders.append(folder)
+                progress.folder(display(name), len(folder.files))
         report.folders = folders
         if not folders:
             return report

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from importer import dcmtk
+from importer import dcmtk, metrics, progress
 from importer.config import Destination, Settings
 from importer.folders import display
 from importer.journal import FileKey, Journal
@@ -64,6 +64,7 @@ class Sender:
     def submit(self, folder: Folder) -> None:
         if not folder.ready:
             return
+        first = self.settings.destinations[0]  # its answers are what progress counts
         for destination in self.settings.destinations:
             known = self.journal.lookup([f.key for f in folder.ready], destination.name)
             todo = [f for f in folder.ready if not known[f.key].delivered]
@@ -78,7 +79,9 @@ class Sender:
                 event("PHASE 2", "%s: sending %d files to %s over %d association%s",
                       display(folder.name), len(todo), destination.label, len(groups),
                       "" if len(groups) == 1 else "s")
-                sends = [self.pool.submit(self._send, destination, transfer_syntax, group)
+                counted = display(folder.name) if destination is first else ""
+                sends = [self.pool.submit(self._send, destination, transfer_syntax, group,
+                                          None, "", counted)
                          for transfer_syntax, group in groups]
                 self.futures += sends
             if destination.verify != "none":
@@ -99,16 +102,21 @@ class Sender:
             return
         wrong = self.verifier.verify(destination, folder.patient.id, check)
         folder.to_quarantine.update(wrong)
+        if destination is self.settings.destinations[0]:
+            after = self.journal.lookup([f.key for f in check], destination.name)
+            progress.add(display(folder.name), "listed",
+                         sum(after[f.key].verified_by == "c-find" for f in check))
 
     def _send(self, destination: Destination, transfer_syntax: str,
               files: list[SourceFile], sent_as: dict[str, SourceFile] | None = None,
-              note: str = "") -> None:
+              note: str = "", counted: str = "") -> None:
         """One storescu run; sent_as maps the paths sent (decompressed copies) to the
-        files they stand for, whose journal rows get the answers."""
+        files they stand for, whose journal rows get the answers; counted names the folder
+        whose progress line counts these answers."""
         by_path = sent_as or {f.path: f for f in files}
         recorder = _AnswerRecorder(self.journal, destination.name, by_path,
                                    lambda seconds: self._note_pace(destination.name, seconds),
-                                   note)
+                                   note, counted)
         try:
             results, error = dcmtk.store(destination, list(by_path), transfer_syntax,
                                          on_answer=recorder.add)
@@ -177,12 +185,13 @@ class _AnswerRecorder:
     0.1 s of answers (and whatever an orphaned storescu sends after its parent died)."""
 
     def __init__(self, journal: Journal, destination: str, files: dict[str, SourceFile],
-                 on_pace: Callable[[float], None], note: str = "") -> None:
+                 on_pace: Callable[[float], None], note: str = "", counted: str = "") -> None:
         self.journal = journal
         self.destination = destination
         self.files = files
         self.on_pace = on_pace  # told the time between two answers of this association
         self.note = note  # added to each answer's status (e.g. sent decompressed)
+        self.counted = counted  # the folder whose progress line counts these answers
         self.recorded: set[str] = set()
         self.buffer: list[tuple[FileKey, bool, int, str]] = []
         self.last_flush = time.monotonic()
@@ -197,6 +206,12 @@ class _AnswerRecorder:
         if self.last_answer is not None:
             self.on_pace(now - self.last_answer)
         self.last_answer = now
+        if self.counted:
+            progress.add(self.counted, "answered")
+        metrics.inc("dicom_importer_files_total", destination=self.destination,
+                    outcome=result.outcome.value)
+        metrics.inc("dicom_importer_bytes_total", source.size, destination=self.destination,
+                    outcome=result.outcome.value)
         self.buffer.append((source.key, result.outcome is dcmtk.Outcome.DELIVERED,
                             int(result.outcome is dcmtk.Outcome.PERMANENT),
                             result.detail + self.note))

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from importer import dcmtk, logs
+from importer import dcmtk, logs, progress
 from importer.config import Settings
 from importer.folders import Patient, display
 from importer.logs import event
@@ -152,6 +152,7 @@ def _mark_ready(folder: Folder, source: SourceFile) -> None:
         return
     source.ident = Identity.of(st)
     folder.ready.append(source)
+    progress.add(display(folder.name), "stamped")
 
 
 def _intent_path(settings: Settings, folder_name: str) -> Path:

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from importer import dcmtk
-from importer.audit import missing_at_pacs
+from importer.audit import archived_folders, missing_at_pacs
 from importer.config import Destination, Settings
 from importer.folders import display
 from importer.journal import Journal
+from importer.receipt import receipt_path
+from importer.retention import archive_batches
 from importer.snapshot import list_files, scan_import_dir
 
 TOOLS = ("dcmftest", "dcmdump", "dcmodify", "dcmconv", "storescu", "echoscu", "findscu")
@@ -88,10 +90,12 @@ def gather_status(settings: Settings) -> dict[str, Any]:
         if not files and not left:
             continue
         newest = max((f.mtime_ns / 1e9 for f in files), default=now)
+        oldest = min((f.mtime_ns / 1e9 for f in files), default=now)
         pending.append({
             "folder": display(name), "files": len(files), "left_in_place": len(left),
             "bytes": sum(f.size for f in files), "quiet_for_s": round(now - newest),
             "due_in_s": max(0, round(newest + settings.delay - now)),
+            "oldest_file_age_s": round(now - oldest),
         })
     held = []
     for note in sorted((settings.state_dir / "held").glob("*.txt")):
@@ -109,10 +113,12 @@ def gather_status(settings: Settings) -> dict[str, Any]:
             })
     destinations = []
     known: dict[str, dict[str, Any]] = {}
+    waiting: dict[str, int] = {}
     if (settings.state_dir / "journal.sqlite3").exists():
         journal = Journal(settings.state_dir)
         try:
             known = journal.destinations()
+            waiting = journal.undelivered_counts()
         finally:
             journal.close()
     for destination in settings.destinations:
@@ -124,12 +130,31 @@ def gather_status(settings: Settings) -> dict[str, Any]:
             "last_failure": _when(entry.get("last_failure_at")),
             "last_error": entry.get("last_error"),
             "failing_since": _when(entry.get("failing_since")),
+            "failing_since_ts": entry.get("failing_since"),
+            "last_success_ts": entry.get("last_success_at"),
+            "files_waiting": waiting.get(destination.name, 0),
         })
     return {"import_dir": str(settings.import_dir), "pending": pending,
             "unmatched": [display(n) for n in unmatched], "held": held,
             "quarantined": quarantined,
             "missing_at_pacs": missing_at_pacs(settings),
+            "recent_archives": recent_archives(settings),
             "destinations": destinations}
+
+
+def recent_archives(settings: Settings, count: int = 20) -> list[dict[str, Any]]:
+    """The last archived folders, newest first, each with its receipt (relative to
+    ARCHIVE_DIR) when it has one."""
+    found: list[dict[str, Any]] = []
+    for batch in reversed(archive_batches(settings)):
+        for folder in reversed(archived_folders(batch)):
+            receipt = receipt_path(folder)
+            found.append({"folder": display(folder.name), "batch": batch.name,
+                          "receipt": str(receipt.relative_to(settings.archive_dir))
+                          if receipt.is_file() else None})
+            if len(found) >= count:
+                return found
+    return found
 
 
 def _when(timestamp: Any) -> str | None:

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterable
 from typing import Protocol
 
-from importer import dcmtk
+from importer import dcmtk, metrics
 from importer.config import Destination, Settings
 from importer.journal import FileKey, Journal
 from importer.logs import warn
@@ -84,9 +84,16 @@ class Verifier:
                             f" {patient_id!r}: an existing record there may hold this instance;"
                             " check the PACS")
             self.journal.mark_verified(destination.name, verified)
+            metrics.inc("dicom_importer_verify_total", len(verified),
+                        destination=destination.name, verdict="listed")
             if not waiting:
                 break
+        if wrong:
+            metrics.inc("dicom_importer_verify_total", len(wrong), destination=destination.name,
+                        verdict="under_another_patient_id")
         if waiting:
+            metrics.inc("dicom_importer_verify_total", sum(map(len, waiting.values())),
+                        destination=destination.name, verdict="not_found")
             self.journal.mark_not_found(
                 destination.name, [f.key for same in waiting.values() for f in same],
                 f"acknowledged by {destination.label} but not found by C-FIND")
@@ -96,6 +103,9 @@ class Verifier:
         """Where no C-FIND can tell (auto), the C-STORE answer is the verdict, remembered so
         that a later run never asks this destination about these files again."""
         why = self.refused.get(destination.name, "no C-FIND")
+        files = list(files)
+        metrics.inc("dicom_importer_verify_total", len(files), destination=destination.name,
+                    verdict="c_store_only")
         self.journal.mark_verified(destination.name, [f.key for f in files], by="c-store",
                                    why=why)
 

@@ -19,15 +19,17 @@ from pathlib import Path
 
 from inotify_simple import INotify, flags
 
-from importer import dcmtk, logs
+from importer import alerts, dcmtk, logs
 from importer.audit import Auditor, archived_folders, remember
 from importer.config import Settings
 from importer.debounce import QuietTimers
 from importer.folders import display, parse_folder_name
+from importer.journal import Journal
 from importer.logs import event, warn
 from importer.pipeline import run_batch
 from importer.retention import archive_batches, prune, seconds_until_daily
 from importer.snapshot import list_files, scan_import_dir, warn_unmatched
+from importer.web import StatusPage
 
 # MODIFY too: a long write shows only MODIFY events between CREATE and CLOSE_WRITE, and a
 # quiet period must not run out in the middle of it. Events cost no log line.
@@ -51,6 +53,10 @@ class Watcher:
         self.noted_writing: set[str] = set()  # files already reported as still being written
         self.last_prune: float | None = None
         self.last_audit = time.monotonic()  # the first audit one interval after start
+        self.page: StatusPage | None = None
+        self.alerter: alerts.Alerter | None = None
+        self.destination_watch = alerts.DestinationWatch(settings.alert_after)
+        self.checked_destinations = 0.0
         self.heartbeat = settings.state_dir / "heartbeat"
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stop = False
@@ -65,11 +71,13 @@ class Watcher:
         try:
             event("Watcher", "Watching %s (DELAY %d s, rescan every %d s)", self.root,
                   self.settings.delay, self.rescan_seconds)
+            self._start_operator_views()
             self._add_tree(self.root)
             self.rescan(startup=True)
             next_rescan = time.monotonic() + self.rescan_seconds
             while not self._stop:
                 self._beat()
+                self._check_destinations()
                 if seconds_until_daily(self.last_prune) == 0:
                     self._prune()
                 audit_period = self.settings.audit_interval_days * 86400.0
@@ -91,6 +99,10 @@ class Watcher:
                 if due:
                     self._process(due)
         finally:
+            if self.page is not None:
+                self.page.stop()
+            if self.alerter is not None:
+                self.alerter.stop()
             signal.set_wakeup_fd(old_wakeup)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -123,6 +135,33 @@ class Watcher:
         if unchecked:
             event("INFO", "%d archived folders pruned without asking a PACS: %s",
                   len(unchecked), unchecked[0])
+
+    def _start_operator_views(self) -> None:
+        """The status page (STATUS_LISTEN) and alerts (ALERT_WEBHOOK), apart from this loop."""
+        self.alerter = alerts.configure(self.settings)
+        if self.settings.status_listen is not None:
+            try:
+                self.page = StatusPage(self.settings)
+            except OSError as exc:
+                warn("Status page: cannot listen on %s:%d: %s", *self.settings.status_listen,
+                     exc.strerror)
+                return
+            self.page.start()
+            event("Watcher", "Status page on %s", self.page.url)
+
+    def _check_destinations(self) -> None:
+        """A destination failing for longer than ALERT_AFTER, or back: an alert."""
+        if self.alerter is None or time.monotonic() - self.checked_destinations < 30:
+            return
+        self.checked_destinations = time.monotonic()
+        if not (self.settings.state_dir / "journal.sqlite3").exists():
+            return
+        journal = Journal(self.settings.state_dir)
+        try:
+            known = journal.destinations()
+        finally:
+            journal.close()
+        self.destination_watch.check(known, {d.name: d.label for d in self.settings.destinations})
 
     def _audit(self) -> None:
         """Every AUDIT_INTERVAL_DAYS: does each PACS still hold every archived instance?"""

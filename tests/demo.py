@@ -35,6 +35,7 @@ def main() -> int:
     parser.add_argument("--delay", type=int, default=5, help="quiet period (DELAY), seconds")
     parser.add_argument("--dicom-port", type=int, default=4242)
     parser.add_argument("--http-port", type=int, default=8042)
+    parser.add_argument("--status-port", type=int, default=8088, help="the importer's page")
     parser.add_argument("--no-sample", action="store_true", help="do not drop a sample folder")
     args = parser.parse_args()
     var = args.var.resolve()
@@ -48,9 +49,11 @@ def main() -> int:
                "ARCHIVE_DIR": str(dirs["archived"]), "FAILED_DIR": str(dirs["failed"]),
                "LOG_DIR": str(dirs["log"]), "STATE_DIR": str(dirs["state"]),
                "PACS_SERVER_IP": pacs.host, "PACS_SERVER_PORT": str(pacs.port),
-               "PACS_AET": pacs.aet, "DELAY": str(args.delay)}
+               "PACS_AET": pacs.aet, "DELAY": str(args.delay),
+               "STATUS_LISTEN": f"127.0.0.1:{args.status_port}"}
         print(f"""
   Demo PACS   Orthanc {pacs.aet}@{pacs.host}:{pacs.port}   web: {pacs.url}/app/explorer.html
+  Importer    status page: http://127.0.0.1:{args.status_port}/   metrics: /metrics
   Import dir  {dirs['import']}   (quiet period {args.delay} s)
   Archive     {dirs['archived']}   logs: {dirs['log']}
 

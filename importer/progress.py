@@ -1,0 +1,117 @@
+"""Progress on a terminal: `run-once` on a TTY keeps one live line for the folder being
+sent (files stamped / answered / listed of total, files per second, ETA). When stderr is
+not a terminal nothing extra is written: logs stay as they are.
+
+The console log handler clears the line before it writes a record and redraws it after
+(logs.console_around), so log lines and the live line never mix.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from importer import logs
+
+
+@dataclass
+class _Folder:
+    label: str
+    total: int
+    stamped: int = 0
+    answered: int = 0
+    listed: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+def line(folder: _Folder, now: float) -> str:
+    """The live line (pure: the clock is given)."""
+    elapsed = max(now - folder.started, 1e-6)
+    rate = folder.answered / elapsed
+    left = folder.total - folder.answered
+    eta = f"{left / rate:.0f} s" if rate > 0 and left > 0 else "-"
+    return (f"{folder.label}: {folder.stamped}/{folder.total} stamped,"
+            f" {folder.answered}/{folder.total} answered, {folder.listed} listed by C-FIND,"
+            f" {rate:.0f} files/s, ETA {eta}")
+
+
+class Progress:
+    def __init__(self, stream: TextIO | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
+        self.clock = clock
+        self.folders: dict[str, _Folder] = {}
+        self.current: _Folder | None = None  # the folder drawn: the last one that moved
+        self.lock = threading.Lock()
+        self.drawn_at = 0.0
+        self.shown = False
+
+    def __enter__(self) -> Progress:
+        if self.enabled:
+            logs.console_around(self.clear, self.redraw)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.clear()
+            logs.console_around(None, None)
+
+    def folder(self, label: str, total: int) -> None:
+        if not self.enabled:
+            return
+        with self.lock:
+            self.current = self.folders[label] = _Folder(label, total)
+        self.redraw()
+
+    def add(self, label: str, what: str, count: int = 1) -> None:
+        """Count files of a folder stamped, answered or listed by C-FIND."""
+        if not self.enabled or label not in self.folders:
+            return
+        with self.lock:
+            self.current = self.folders[label]
+            setattr(self.current, what, getattr(self.current, what) + count)
+            now = self.clock()
+            if now - self.drawn_at < 0.1:
+                return
+        self.redraw()
+
+    def clear(self) -> None:
+        with self.lock:
+            if self.shown:
+                self.stream.write("\r\033[K")
+                self.stream.flush()
+                self.shown = False
+
+    def redraw(self) -> None:
+        if not self.enabled:
+            return
+        with self.lock:
+            if self.current is None:
+                return
+            self.drawn_at = self.clock()
+            self.stream.write("\r\033[K" + line(self.current, self.drawn_at)[:200])
+            self.stream.flush()
+            self.shown = True
+
+
+_active: Progress | None = None
+
+
+def activate(progress: Progress | None) -> None:
+    global _active
+    _active = progress
+
+
+def folder(label: str, total: int) -> None:
+    if _active is not None:
+        _active.folder(label, total)
+
+
+def add(label: str, what: str, count: int = 1) -> None:
+    if _active is not None:
+        _active.add(label, what, count)
