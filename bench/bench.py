@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -62,6 +63,7 @@ class Run:
     note: str
     rss_kb: int | None = None
     tree_rss_kb: int | None = None
+    cpu_s: float | None = None  # user + system, the pipeline's processes and their children
 
 
 @dataclass
@@ -267,6 +269,13 @@ PIPELINES: dict[str, Callable[[Path, Path, Target, Path], Run]] = {
 # ---------------------------------------------------------------- orchestration
 
 
+def children_cpu() -> float:
+    """CPU seconds of every child process waited for so far (their children included);
+    the receivers, still running, are not in it."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def one_run(receiver: str, method: str, corpus: Path, n: int, tmp: Path, t: Target) -> Run:
     """Copy the corpus, run one pipeline into the receiver, check what arrived and what moved."""
     work = Path(tempfile.mkdtemp(prefix=f"{receiver}-{method}-", dir=tmp))
@@ -274,7 +283,9 @@ def one_run(receiver: str, method: str, corpus: Path, n: int, tmp: Path, t: Targ
     subprocess.run(["cp", "-a", str(corpus), str(imp)], check=True)
     archive.mkdir()
     before = t.count()
+    cpu_before = children_cpu()
     run = PIPELINES[method](imp, archive, t, work)
+    run.cpu_s = round(children_cpu() - cpu_before, 3)
     run.receiver = receiver
     got, archived, left = t.count() - before, count_files(archive), count_files(imp)
     checks = f"receiver got {got}/{n}, archived {archived}/{n}, left in import {left}"
@@ -346,12 +357,30 @@ def summarize(runs: list[Run], receivers: list[str]) -> dict[str, dict[str, floa
             "legacy_over_floor": legacy / floor if legacy and floor else None,
             "importer_rss_mb": rss / 1024 if rss else None,
             "tree_rss_mb": tree / 1024 if tree else None,
+            "floor_cpu_s": median(runs, rc, "floor", "cpu_s"),
+            "importer_cpu_s": median(runs, rc, "importer", "cpu_s"),
         }
+        cpu_floor, cpu_imp = ratios["floor_cpu_s"], ratios["importer_cpu_s"]
+        ratios["importer_cpu_over_floor"] = cpu_imp / cpu_floor if cpu_imp and cpu_floor else None
         out[rc] = {k: None if v is None else round(v, 3) for k, v in ratios.items()}
     return out
 
 
 def print_table(summary: dict[str, dict[str, float | None]], runs: list[Run], n: int) -> None:
+    print_times(summary, runs, n)
+    print(f"\nCPU (user + system, children included), medians, {n} files\n")
+    print(f"{'receiver':9} {'floor CPU s':>12} {'importer CPU s':>15} {'importer/floor':>15}"
+          f" {'floor ms/file':>14} {'importer ms/file':>17}")
+    for rc, s in summary.items():
+        fc, ic = s["floor_cpu_s"], s["importer_cpu_s"]
+        ratio = s["importer_cpu_over_floor"]
+        print(f"{rc:9} {fc if fc is not None else '—':>12} {ic if ic is not None else '—':>15}"
+              f" {format(ratio, '.2f') + 'x' if ratio else '—':>15}"
+              f" {format(fc / n * 1000, '.2f') if fc else '—':>14}"
+              f" {format(ic / n * 1000, '.2f') if ic else '—':>17}")
+
+
+def print_times(summary: dict[str, dict[str, float | None]], runs: list[Run], n: int) -> None:
     def f(v: float | None, fmt: str, suffix: str = "") -> str:
         return "—" if v is None else format(v, fmt) + suffix
 
@@ -396,8 +425,8 @@ def tool_versions() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--folders", type=int, default=6)
-    p.add_argument("--files-per-folder", type=int, default=100)
+    p.add_argument("--folders", type=int, help="default: 6 x 100 files, then 300 x 2")
+    p.add_argument("--files-per-folder", type=int)
     p.add_argument("--files", type=int, help="total files spread over 10 folders (overrides)")
     p.add_argument("--rows", type=int, default=128, help="image is rows x rows, 16 bit")
     p.add_argument("--receiver", choices=["storescp", "orthanc", "both"], default="both")
@@ -420,6 +449,20 @@ def main(argv: list[str] | None = None) -> int:
     if "legacy" in methods and not LEGACY.is_file():
         p.error(f"legacy pipeline not found: {LEGACY} (set LEGACY_PIPELINE)")
 
+    if args.folders is None and args.files_per_folder is None and args.files is None:
+        # The default corpus, and a clinic's day of radiographs: many folders of 2 files.
+        corpora = [(6, 100), (300, 2)]
+    else:
+        corpora = [(args.folders or 6, args.files_per_folder or 100)]
+    status = 0
+    for folders, per_folder in corpora:
+        args.folders, args.files_per_folder = folders, per_folder
+        status |= bench_corpus(args, methods, receivers)
+    return status
+
+
+def bench_corpus(args: argparse.Namespace, methods: list[str], receivers: list[str]) -> int:
+    """Generate one corpus and time every method on every receiver."""
     tmp = Path(tempfile.mkdtemp(prefix="importer-bench-", dir="/tmp"))
     try:
         corpus = tmp / "corpus"

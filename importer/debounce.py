@@ -37,10 +37,15 @@ class QuietTimers:
         timer.last_event = max(timer.last_event, at)
         return False
 
-    def due(self) -> list[str]:
-        """Folders whose quiet period (and backoff) is over; they stop being tracked."""
+    def due(self, slack: float = 0.0) -> list[str]:
+        """Folders whose quiet period (and backoff) is over; they stop being tracked. Once
+        one is, those due within `slack` seconds more come along: a burst of small folders
+        goes through as one batch."""
         now = self.clock()
-        ready = sorted(name for name, t in self._timers.items() if self._deadline(t) <= now)
+        if not any(self._deadline(t) <= now for t in self._timers.values()):
+            return []
+        ready = sorted(name for name, t in self._timers.items()
+                       if self._deadline(t) <= now + slack)
         for name in ready:
             del self._timers[name]
         return ready

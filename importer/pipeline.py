@@ -16,6 +16,8 @@ import contextlib
 import hashlib
 import os
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from importer import dcmtk, logs, progress
@@ -104,57 +106,107 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
         magic = dcmtk.dicom_magic(all_files)  # one call for the batch: cheap
         del all_files
         if settings.dry_run:
+            for chunk in _chunks(folders):
+                dumps = _read_originals(chunk, magic)
+                for folder in chunk:
+                    _classify(folder, dumps, settings)
+                    _describe(folder, settings)
             for folder in folders:
-                _read_originals(folder, magic, settings)
-                _describe(folder, settings)
                 note_writing(folder, settings, noted_writing)
             return report
 
         journal = Journal(settings.state_dir)
         journal.forget(recovered)
+        finished: set[int] = set()
+
+        def finish_done(under_way: list[tuple[list[Folder], list[Future[None]]]],
+                        wait: bool = False) -> list[tuple[list[Folder], list[Future[None]]]]:
+            """Archive each chunk once its sends and verifications are done: one slow
+            chunk does not hold back the others' archiving."""
+            still = []
+            for chunk, work in under_way:
+                if wait or all(f.done() for f in work):
+                    for folder in chunk:
+                        finish(folder, settings, journal, sender.verifier, batch_stamp)
+                        note_writing(folder, settings, noted_writing)
+                        finished.add(id(folder))
+                else:
+                    still.append((chunk, work))
+            return still
+
         try:
+            under_way: list[tuple[list[Folder], list[Future[None]]]] = []
             with Sender(settings, journal) as sender:
-                for folder in folders:
-                    # Folder by folder (memory stays flat in the batch's size, and this
-                    # overlaps the previous folder's send): read, check, stamp, send.
-                    if not folder.files:
-                        continue  # only files still being written
+                for chunk in _chunks(folders):
+                    # Many folders' files per tool call (a tool's start costs more than a
+                    # small folder's files), a chunk at a time (memory stays flat in the
+                    # batch's size, and this overlaps the previous chunk's send): read,
+                    # check, stamp (one dcmodify per folder), verify, send.
                     try:
-                        dumps = _read_originals(folder, magic, settings)
-                        _remember_held(settings, folder)
-                        if not folder.held:
-                            stamp(folder, dumps, settings)
+                        dumps = _read_originals(chunk, magic)
+                        for folder in chunk:
+                            _classify(folder, dumps, settings)
+                            _remember_held(settings, folder)
+                        stamp([f for f in chunk if not f.held], dumps, settings)
                     except dcmtk.Stopped:
                         break  # shutting down: archive what was delivered, leave the rest
                     del dumps
-                    folder.ready = unchanged(folder, folder.ready, "after it was stamped")
-                    _check_duplicate_uids(folder, settings)
-                    sender.submit(folder)
-            for folder in folders:
-                finish(folder, settings, journal, sender.verifier, batch_stamp)
-                note_writing(folder, settings, noted_writing)
+                    for folder in chunk:
+                        folder.ready = unchanged(folder, folder.ready, "after it was stamped")
+                        _check_duplicate_uids(folder, settings)
+                    under_way = finish_done([*under_way, (chunk, sender.submit(chunk))])
+            finish_done(under_way, wait=True)
+            for folder in folders:  # only files still being written, or the run stopped
+                if id(folder) not in finished:
+                    finish(folder, settings, journal, sender.verifier, batch_stamp)
+                    note_writing(folder, settings, noted_writing)
         finally:
             journal.close()
     return report
 
 
-def _read_originals(folder: Folder, magic: dict[str, bool],
-                    settings: Settings) -> dict[str, dcmtk.Dump]:
-    """[PHASE 1.5] for one folder: one full read of its DICOM files (a truncated file is
-    caught here), sorting out non-DICOM files, DICOMDIRs and unreadable files; then the
-    two-patients check on what the files said before stamping.
+# Folders are read, stamped, verified and sent a chunk at a time: up to this many files.
+CHUNK_FILES = 200
+
+
+def _chunks(folders: list[Folder]) -> Iterator[list[Folder]]:
+    """Consecutive folders with files to read, up to CHUNK_FILES files a chunk (a larger
+    folder is a chunk of its own)."""
+    chunk: list[Folder] = []
+    count = 0
+    for folder in folders:
+        if not folder.files:
+            continue  # only files still being written
+        if chunk and count + len(folder.files) > CHUNK_FILES:
+            yield chunk
+            chunk, count = [], 0
+        chunk.append(folder)
+        count += len(folder.files)
+    if chunk:
+        yield chunk
+
+
+def _read_originals(folders: list[Folder], magic: dict[str, bool]) -> dict[str, dcmtk.Dump]:
+    """[PHASE 1.5] one full read of the folders' DICOM files, in one dcmdump (per argv
+    chunk): a truncated file is caught here."""
+    paths = [f.path for folder in folders for f in folder.files]
+    dumps = dcmtk.dump_tags([p for p in paths if magic[p]], ORIGINAL_TAGS)
+    # Without the preamble and "DICM" a data set is still DICOM if DCMTK reads it, with
+    # its SOP Class and Instance UIDs (stamping writes it back as a file with meta header).
+    for path, dump in dcmtk.dump_tags([p for p in paths if not magic[p]], ORIGINAL_TAGS).items():
+        if not dump.error and dump.values.get(dcmtk.SOP_CLASS) and dump.values.get(
+                dcmtk.SOP_INSTANCE_UID):
+            dumps[path] = dump
+    return dumps
+
+
+def _classify(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -> None:
+    """Sort out one folder's non-DICOM files, DICOMDIRs and unreadable files from what
+    was read; then the two-patients check on what the files said before stamping.
 
     A file that looks unfinished (unreadable, no DICM magic yet, an image without its pixel
     data) and changed within INCOMPLETE_GRACE is a copy still under way, not a broken file:
     it is left in place; only once it has stayed unchanged that long is it judged."""
-    dumps = dcmtk.dump_tags([f.path for f in folder.files if magic[f.path]], ORIGINAL_TAGS)
-    # Without the preamble and "DICM" a data set is still DICOM if DCMTK reads it, with
-    # its SOP Class and Instance UIDs (stamping writes it back as a file with meta header).
-    without_magic = [f.path for f in folder.files if not magic[f.path]]
-    for path, dump in dcmtk.dump_tags(without_magic, ORIGINAL_TAGS).items():
-        if not dump.error and dump.values.get(dcmtk.SOP_CLASS) and dump.values.get(
-                dcmtk.SOP_INSTANCE_UID):
-            dumps[path] = dump
     folder.files = unchanged(folder, folder.files, "while being read")
     now = time.time()
     candidates = []
@@ -184,7 +236,6 @@ def _read_originals(folder: Folder, magic: dict[str, bool],
             candidates.append(source)
     folder.files = candidates
     _check_patients(folder, dumps, settings)
-    return dumps
 
 
 def _check_patients(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -> None:

@@ -61,32 +61,52 @@ class Sender:
         self.pool.shutdown(wait=True)
         self.verify_pool.shutdown(wait=True)
 
-    def submit(self, folder: Folder) -> None:
-        if not folder.ready:
-            return
+    def submit(self, folders: list[Folder]) -> list[Future[None]]:
+        """Send the verified files of these folders: the files of many folders share
+        associations (a storescu start costs more than a small folder's files); each
+        folder is looked up by C-FIND once its files' sends are done. Returns the work
+        begun (done: the folders can be finished)."""
+        folders = [f for f in folders if f.ready]
+        begun: list[Future[None]] = []
+        if not folders:
+            return begun
         first = self.settings.destinations[0]  # its answers are what progress counts
         for destination in self.settings.destinations:
-            known = self.journal.lookup([f.key for f in folder.ready], destination.name)
-            todo = [f for f in folder.ready if not known[f.key].delivered]
-            retries = [f for f in todo if known[f.key].attempts]
-            if retries and self.verifier.applies(destination):
-                there = self.verifier.already_there(destination, folder.patient.id, retries)
-                todo = [f for f in todo if f.path not in there]
+            todo: list[SourceFile] = []
+            counted: dict[str, str] = {}
+            for folder in folders:
+                todo_here = self._todo(destination, folder)
+                todo += todo_here
+                if destination is first:
+                    counted.update((f.path, display(folder.name)) for f in todo_here)
             sends = []
             if todo:
                 slow = self.pace.get(destination.name, 0.0) > SLOW_SECONDS_PER_FILE
                 groups = _split(todo, destination, slow)
+                what = (display(folders[0].name) if len(folders) == 1
+                        else f"{len(folders)} folders")
                 event("PHASE 2", "%s: sending %d files to %s over %d association%s",
-                      display(folder.name), len(todo), destination.label, len(groups),
+                      what, len(todo), destination.label, len(groups),
                       "" if len(groups) == 1 else "s")
-                counted = display(folder.name) if destination is first else ""
                 sends = [self.pool.submit(self._send, destination, transfer_syntax, group,
                                           None, "", counted)
                          for transfer_syntax, group in groups]
-                self.futures += sends
+                begun += sends
             if destination.verify != "none":
-                self.futures.append(
-                    self.verify_pool.submit(self._verify, destination, folder, sends))
+                begun += [self.verify_pool.submit(self._verify, destination, folder, sends)
+                          for folder in folders]
+        self.futures += begun
+        return begun
+
+    def _todo(self, destination: Destination, folder: Folder) -> list[SourceFile]:
+        """The folder's files this destination has not acknowledged (nor holds already)."""
+        known = self.journal.lookup([f.key for f in folder.ready], destination.name)
+        todo = [f for f in folder.ready if not known[f.key].delivered]
+        retries = [f for f in todo if known[f.key].attempts]
+        if retries and self.verifier.applies(destination):
+            there = self.verifier.already_there(destination, folder.patient.id, retries)
+            todo = [f for f in todo if f.path not in there]
+        return todo
 
     def _verify(self, destination: Destination, folder: Folder,
                 sends: list[Future[None]]) -> None:
@@ -109,10 +129,10 @@ class Sender:
 
     def _send(self, destination: Destination, transfer_syntax: str,
               files: list[SourceFile], sent_as: dict[str, SourceFile] | None = None,
-              note: str = "", counted: str = "") -> None:
+              note: str = "", counted: dict[str, str] | None = None) -> None:
         """One storescu run; sent_as maps the paths sent (decompressed copies) to the
-        files they stand for, whose journal rows get the answers; counted names the folder
-        whose progress line counts these answers."""
+        files they stand for, whose journal rows get the answers; counted maps a file to
+        the folder whose progress line counts its answer."""
         by_path = sent_as or {f.path: f for f in files}
         recorder = _AnswerRecorder(self.journal, destination.name, by_path,
                                    lambda seconds: self._note_pace(destination.name, seconds),
@@ -185,13 +205,14 @@ class _AnswerRecorder:
     0.1 s of answers (and whatever an orphaned storescu sends after its parent died)."""
 
     def __init__(self, journal: Journal, destination: str, files: dict[str, SourceFile],
-                 on_pace: Callable[[float], None], note: str = "", counted: str = "") -> None:
+                 on_pace: Callable[[float], None], note: str = "",
+                 counted: dict[str, str] | None = None) -> None:
         self.journal = journal
         self.destination = destination
         self.files = files
         self.on_pace = on_pace  # told the time between two answers of this association
         self.note = note  # added to each answer's status (e.g. sent decompressed)
-        self.counted = counted  # the folder whose progress line counts these answers
+        self.counted = counted or {}  # file -> the folder whose progress line counts it
         self.recorded: set[str] = set()
         self.buffer: list[tuple[FileKey, bool, int, str]] = []
         self.last_flush = time.monotonic()
@@ -206,8 +227,8 @@ class _AnswerRecorder:
         if self.last_answer is not None:
             self.on_pace(now - self.last_answer)
         self.last_answer = now
-        if self.counted:
-            progress.add(self.counted, "answered")
+        if label := self.counted.get(source.path):
+            progress.add(label, "answered")
         metrics.inc("dicom_importer_files_total", destination=self.destination,
                     outcome=result.outcome.value)
         metrics.inc("dicom_importer_bytes_total", source.size, destination=self.destination,

@@ -34,8 +34,28 @@ UTF8_CHARSETS = ("", "ISO_IR 6", "ISO_IR 192")
 RELABEL_CHARSETS = {"ISO_IR 149": "\\ISO 2022 IR 149", "ISO 2022 IR 149": "\\ISO 2022 IR 149"}
 
 
-def stamp(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -> None:
-    """Give every file its folder's identity; the files that carry it become ready."""
+def stamp(folders: list[Folder], dumps: dict[str, dcmtk.Dump], settings: Settings) -> None:
+    """Give every file of these folders its folder's identity; the files that carry it
+    become ready.
+
+    One dcmodify per folder (per identity: it cannot be fewer), run in parallel on the
+    cores, then one batched dcmdump reads every stamped file of every folder back.
+    """
+    in_place: list[tuple[Folder, list[SourceFile], bool]] = []
+    for folder in folders:
+        files, via_copy, utf8 = _sort(folder, dumps, settings)
+        if via_copy:
+            _stamp_copies(folder, via_copy, dumps, settings, utf8)
+        if files:
+            in_place.append((folder, files, utf8))
+    if in_place:
+        _stamp_in_place(in_place, settings)
+
+
+def _sort(folder: Folder, dumps: dict[str, dcmtk.Dump],
+          settings: Settings) -> tuple[list[SourceFile], list[SourceFile], bool]:
+    """Files already stamped become ready; the others go in place, or (a character-set
+    conversion, UN tags, a <file>.bak already beside them) through working copies."""
     patient = folder.patient
     utf8 = not patient.is_ascii()
     to_stamp: list[SourceFile] = []
@@ -46,55 +66,60 @@ def stamp(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -> N
             to_stamp.append(source)
     event("PHASE 1", "%s: stamping %d files with %s (%d already carry it)",
           display(folder.name), len(to_stamp), identity_label(patient, settings), len(folder.ready))
-    if not to_stamp:
-        return
-
-    # Most files are stamped in place by dcmodify's backup mode (the original is renamed to
-    # <file>.bak before the new file is written); files that need a character-set
-    # conversion, or already have a <file>.bak beside them, go through working copies.
     in_place, via_copy = [], []
     for source in to_stamp:
         charset = dumps[source.path].values.get(dcmtk.CHARSET, "")
         plain = (not utf8 or charset in UTF8_CHARSETS) and not _has_un(dumps[source.path])
         (in_place if plain and not os.path.lexists(source.path + ".bak") else via_copy).append(
             source)
-    if in_place:
-        _stamp_in_place(folder, in_place, settings, utf8)
-    if via_copy:
-        _stamp_copies(folder, via_copy, dumps, settings, utf8)
+    return in_place, via_copy, utf8
 
 
-def _stamp_in_place(folder: Folder, files: list[SourceFile], settings: Settings,
-                    utf8: bool) -> None:
-    """dcmodify with backups, verified; a file that fails gets its original back.
+def _stamp_in_place(work: list[tuple[Folder, list[SourceFile], bool]],
+                    settings: Settings) -> None:
+    """dcmodify with backups (the original becomes <file>.bak before the new file is
+    written), verified; a file that fails gets its original back.
 
-    An intent file in STATE_DIR lists the files under way, so that after a crash at any
-    point the next run puts every <file>.bak back before it looks at the folder.
+    An intent file per folder in STATE_DIR lists the files under way, so that after a crash
+    at any point the next run puts every <file>.bak back before it looks at the folder.
     """
-    intent = _intent_path(settings, folder.name)
-    _write_intent(intent, [f.path for f in files])
+    for folder, files, _utf8 in work:
+        _write_intent(_intent_path(settings, folder.name), [f.path for f in files])
     try:
-        by_path = {f.path: f for f in files}
-        runs = dcmtk.stamp_identity(list(by_path), folder.patient, utf8=utf8, backup=True)
-        for path, problem in _verify(folder, by_path, runs, utf8).items():
-            backup = path + ".bak"
-            original = identity(backup)
-            if original is not None and not by_path[path].ident.same_content(original):
-                # A writer was still at it (it writes into the renamed original): what was
-                # stamped is a partial copy. The original, with its new bytes, goes back.
-                os.replace(backup, path)
-                folder.writing[path] = "still being written: it changed while being stamped"
-                continue
-            if problem is None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(backup)
-                _mark_ready(folder, by_path[path])
-                continue
-            if os.path.lexists(backup):
-                os.replace(backup, path)  # the original, untouched
-            folder.to_quarantine[path] = problem
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            runs = list(pool.map(
+                lambda job: dcmtk.stamp_identity([f.path for f in job[1]], job[0].patient,
+                                                 utf8=job[2], backup=True), work))
+        checked = dcmtk.dump_tags([f.path for _folder, files, _u in work for f in files],
+                                  (dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME, dcmtk.CHARSET))
+        for (folder, files, utf8), folder_runs in zip(work, runs, strict=True):
+            by_path = {f.path: f for f in files}
+            for path, problem in _problems(folder, by_path, checked, folder_runs,
+                                           utf8).items():
+                _settle_in_place(folder, by_path[path], problem)
     finally:
-        recover_interrupted_stamp(settings, folder.name)
+        for folder, _files, _utf8 in work:
+            recover_interrupted_stamp(settings, folder.name)
+
+
+def _settle_in_place(folder: Folder, source: SourceFile, problem: str | None) -> None:
+    path = source.path
+    backup = path + ".bak"
+    original = identity(backup)
+    if original is not None and not source.ident.same_content(original):
+        # A writer was still at it (it writes into the renamed original): what was
+        # stamped is a partial copy. The original, with its new bytes, goes back.
+        os.replace(backup, path)
+        folder.writing[path] = "still being written: it changed while being stamped"
+        return
+    if problem is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(backup)
+        _mark_ready(folder, source)
+        return
+    if os.path.lexists(backup):
+        os.replace(backup, path)  # the original, untouched
+    folder.to_quarantine[path] = problem
 
 
 def _stamp_copies(folder: Folder, files: list[SourceFile], dumps: dict[str, dcmtk.Dump],
@@ -130,9 +155,15 @@ def _verify(folder: Folder, stamped: Iterable[str], runs: list[dcmtk.ToolRun],
             utf8: bool) -> dict[str, str | None]:
     """Read every stamped file back (exit codes and messages cannot be trusted, see
     DESIGN.md). Returns path -> problem (None: the file carries the identity)."""
-    messages = [line for run in runs for line in run.lines if line.startswith("E: ")]
     stamped = list(stamped)
     checked = dcmtk.dump_tags(stamped, (dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME, dcmtk.CHARSET))
+    return _problems(folder, stamped, checked, runs, utf8)
+
+
+def _problems(folder: Folder, stamped: Iterable[str], checked: dict[str, dcmtk.Dump],
+              runs: list[dcmtk.ToolRun], utf8: bool) -> dict[str, str | None]:
+    """path -> why the stamped file does not carry the folder's identity (None: it does)."""
+    messages = [line for run in runs for line in run.lines if line.startswith("E: ")]
     problems: dict[str, str | None] = {}
     for path in stamped:
         problem = _identity_problem(checked[path], folder.patient, utf8)

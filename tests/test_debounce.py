@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from importer.debounce import QuietTimers
 
 
@@ -62,3 +64,18 @@ def test_failures_back_off_exponentially_and_events_do_not_shorten_it() -> None:
     timers.succeeded("#1-A")
     timers.due()
     assert timers.failed("#1-A") == 10  # success resets the backoff
+
+
+def test_folders_due_within_the_slack_come_along() -> None:
+    clock = Clock()
+    timers = QuietTimers(10, clock=clock)
+    timers.touch("a")
+    clock.now += 0.5
+    timers.touch("b")
+    clock.now += 5
+    timers.touch("c")
+    clock.now += 4.4
+    assert timers.due(slack=1.0) == []  # nothing due yet: the slack never starts a batch
+    clock.now += 0.1
+    assert timers.due(slack=1.0) == ["a", "b"]  # b was 0.5 s from due; c is 5.5 s away
+    assert timers.pending() == {"c": pytest.approx(5.5)}

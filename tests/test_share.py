@@ -232,8 +232,8 @@ def test_replaced_between_stamp_and_send_is_not_sent_until_stamped(
         shutil.copy(sources / name, target / name)
     real_stamp = pipeline.stamp
 
-    def stamp_then_replace(folder: pipeline.Folder, *args: object) -> None:
-        real_stamp(folder, *args)
+    def stamp_then_replace(folders: list[pipeline.Folder], *args: object) -> None:
+        real_stamp(folders, *args)
         replacement = target / ".new"
         shutil.copy(sources / "IM00003.dcm", replacement)
         os.replace(replacement, target / "IM00002.dcm")

@@ -1,0 +1,76 @@
+"""Many small folders in one batch (issue #15): the files of many folders share each tool
+call, yet every folder gets its own verdict, receipt and summary, in the same run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+
+from tests.conftest import Site
+from tests.dicomgen import make_ct, make_patient_folder
+from tests.refusing_scp import CANNOT_UNDERSTAND, RefusingSCP
+from tests.test_share import WRITER, pixel_offset
+from tests.test_watch import wait_for
+
+
+def test_one_batch_many_folders_each_its_own_verdict(site: Site, tmp_path: Path) -> None:
+    """40 folders of 2 files; in the same batch one folder's file is refused by the PACS,
+    one folder holds two patients, one has a file still being written, one is unmatched:
+    each gets its own verdict, and the 36 others are archived in this run with a receipt
+    each. The files of many folders went through single dcmdump and storescu calls."""
+    site.env["MAX_ATTEMPTS"] = "1"
+    site.env["INCOMPLETE_GRACE"] = "3600"
+    for i in range(40):
+        make_patient_folder(site.import_dir, f"#{100 + i}-Many^Folders", 2, rows=16)
+    refused = pydicom.dcmread(site.import_dir / "#101-Many^Folders" / "IM00002.dcm")
+    held = site.import_dir / "#102-Many^Folders"
+    make_ct(held / "other-cd.dcm", rows=16, birth_date="19010101")
+    make_ct(held / "IM00001.dcm", rows=16, birth_date="19990909")  # replaces one: two people
+    source = tmp_path / "whole.dcm"
+    make_ct(source, rows=64)
+    go = tmp_path / "go"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(source),
+                               str(site.import_dir / "#103-Many^Folders" / "late.dcm"),
+                               str(pixel_offset(source)), str(go), "0"])
+    wait_for(lambda: Path(str(go) + ".ready").exists(), 10)
+    (site.import_dir / "not a patient").mkdir()
+    (site.import_dir / "not a patient" / "x.dcm").write_bytes(b"x")
+
+    with RefusingSCP(statuses={refused.SOPInstanceUID: CANNOT_UNDERSTAND}) as pacs:
+        site.use(pacs)
+        started = time.monotonic()
+        result = site.run()
+        seconds = time.monotonic() - started
+        go.touch()
+        assert writer.wait(timeout=10) == 0
+        accepted = pacs.accepted_uids()
+    assert result.returncode == 1, result.stderr
+
+    archived = site.archived()
+    done = {k.split("/")[0] for k in archived}
+    assert done == {f"#{100 + i}-Many^Folders" for i in range(40)} - {"#102-Many^Folders"}
+    assert "#101-Many^Folders/IM00002.dcm" not in archived
+    assert set(site.failed()) == {"#101-Many^Folders/IM00002.dcm"}
+    assert sorted(p for p in site.remaining() if p.startswith("#102")) == [
+        "#102-Many^Folders/IM00001.dcm", "#102-Many^Folders/IM00002.dcm",
+        "#102-Many^Folders/other-cd.dcm"]
+    assert "#103-Many^Folders/late.dcm" in site.remaining()
+    assert "not a patient/x.dcm" in site.remaining()
+    assert len(accepted) == 2 * 40 - 2 - 1  # all but #102's two and the refused one
+    for name in done:
+        receipt = json.loads(next(site.archive_dir.glob(
+            f"*/{name.replace('^', '[^]')}.receipt.json")).read_text())
+        assert receipt["folder"] == name and receipt["patient"]["id"] == name[1:4]
+    assert "#102-Many^Folders: held" in result.stderr
+    assert "#103-Many^Folders/late.dcm: still being written" in result.stderr
+    tools = [r for r in site.log_records() if r.get("tool")]
+    dumps = [r for r in tools if r["tool"] == "dcmdump"]
+    stores = [r for r in tools if r["tool"] == "storescu"]
+    assert len(dumps) <= 2 * 2, "the folders' files are read and verified together"
+    assert len(stores) <= 4, "the folders' files share associations"
+    assert seconds < 30
