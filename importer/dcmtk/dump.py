@@ -1,0 +1,113 @@
+"""dcmftest and dcmdump: which files are DICOM, and what they say (many files a call)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from importer.dcmtk.runner import chunked, run
+
+# --- dcmftest -------------------------------------------------------------------------
+
+
+def dicom_magic(paths: Sequence[str]) -> dict[str, bool]:
+    """Which files carry the DICM magic (a truncated file still says yes)."""
+    found: dict[str, bool] = {}
+    for chunk in chunked(paths):
+        for line in run("dcmftest", chunk).lines:
+            verdict, sep, path = line.partition(": ")
+            if sep and verdict in ("yes", "no"):
+                found[path] = verdict == "yes"
+    return {path: found.get(path, False) for path in paths}
+
+
+# --- dcmdump --------------------------------------------------------------------------
+
+PATIENT_ID = "0010,0020"
+PATIENT_NAME = "0010,0010"
+CHARSET = "0008,0005"
+BIRTH_DATE = "0010,0030"
+SEX = "0010,0040"
+SOP_INSTANCE_UID = "0008,0018"
+STUDY_INSTANCE_UID = "0020,000d"
+MEDIA_STORAGE_SOP_CLASS = "0002,0002"
+TRANSFER_SYNTAX = "0002,0010"
+SOP_CLASS = "0008,0016"
+ROWS = "0028,0010"
+PIXEL_DATA_TAGS = ("7fe0,0010", "7fe0,0008", "7fe0,0009")  # integer, float, double float
+
+_HEADER = re.compile(r"^# dcmdump \(\d+/\d+\): (?P<path>.*)$")
+ELEMENT = re.compile(
+    r"^\((?P<tag>[0-9a-f]{4},[0-9a-f]{4})\) (?P<vr>[A-Z]{2}) "
+    r"(?:\[(?P<value>.*)\]|\(no value available\)|(?P<raw>.*?))\s+#\s*(?:\d+|u/l),"
+)
+_UN_BYTES = re.compile(r"^[0-9a-f]{2}(?:\\[0-9a-f]{2})*$")
+
+
+def _value(element: re.Match[str]) -> str:
+    """An element's value as dcmdump shows it; a UN element's bytes decoded as text (UN
+    UIDs and strings are still their values, in the file's character set)."""
+    raw = element["raw"] or ""
+    if element["vr"] == "UN" and _UN_BYTES.match(raw):
+        return clean(bytes.fromhex(raw.replace("\\", "")).decode("latin-1"))
+    return clean(element["value"] or "")
+_READ_ERROR = re.compile(r"^E: dcmdump: (?P<reason>.*?): reading file: (?P<path>.*)$")
+
+
+@dataclass
+class Dump:
+    """Top-level values of the tags asked for, or why the file could not be read."""
+
+    values: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    vrs: dict[str, str] = field(default_factory=dict)  # e.g. UN where an anonymiser wrote it
+
+
+def dump_tags(paths: Sequence[str], tags: Iterable[str]) -> dict[str, Dump]:
+    """Read the given tags of many files in one dcmdump call per chunk.
+
+    dcmdump parses each file completely, so a truncated or corrupt file is reported here
+    as an error even when its header reads fine; -M leaves long values (pixel data) unloaded,
+    so a tag asked for that holds one is present with an empty value.
+    """
+    tag_args = [arg for tag in tags for arg in ("+P", tag)]
+    # -Un: UIDs as numbers; by default a well-known one prints as `=Name`, not `[uid]`.
+    parser = _DumpParser()
+    for chunk in chunked(paths, fixed_bytes=sum(len(a) + 9 for a in tag_args)):
+        parser.current = None
+        run("dcmdump", ["-M", "+F", "+L", "+p", "-Un", *tag_args, *chunk], on_line=parser)
+    dumps = parser.dumps
+    for path in paths:
+        if path not in dumps:
+            dumps[path] = Dump(error="dcmdump did not report on this file")
+    return {path: dumps[path] for path in paths}
+
+
+class _DumpParser:
+    """Reads `dcmdump +F +p +P …` output: a header per file, then its elements."""
+
+    def __init__(self) -> None:
+        self.dumps: dict[str, Dump] = {}
+        self.current: Dump | None = None
+        self.pending_errors: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        if header := _HEADER.match(line):
+            self.current = self.dumps.setdefault(header["path"], Dump())
+        elif error := _READ_ERROR.match(line):
+            dump = self.dumps.setdefault(error["path"], Dump())
+            dump.error = "; ".join([*self.pending_errors, error["reason"]])
+            self.pending_errors.clear()
+        elif line.startswith(("E: ", "F: ")):
+            self.pending_errors.append(line[3:])
+        elif (element := ELEMENT.match(line)) and self.current is not None:
+            # +p prefixes nested occurrences with their sequence path, so only top-level
+            # elements match here.
+            self.current.values.setdefault(element["tag"], _value(element))
+            self.current.vrs.setdefault(element["tag"], element["vr"])
+
+
+def clean(value: str) -> str:
+    # UI values keep their NUL pad byte and LO/PN values a trailing space.
+    return value.rstrip("\x00 ")

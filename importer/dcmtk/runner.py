@@ -1,0 +1,225 @@
+"""Running a DCMTK tool: argv in (never a shell), its output streamed line by line, one
+log record per call (tool, argv, exit code, seconds, output lines), and a stop for all."""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import functools
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sh
+
+from importer import logs, metrics
+
+log = logging.getLogger("importer.dcmtk")
+
+_FS_CODEC = "utf-8-fs"
+
+
+def _find_fs_codec(name: str) -> codecs.CodecInfo | None:
+    if name.replace("_", "-") != _FS_CODEC:
+        return None
+    return codecs.CodecInfo(
+        name=_FS_CODEC,
+        encode=lambda text, errors="strict": codecs.utf_8_encode(text, "surrogateescape"),
+        decode=lambda data, errors="strict": codecs.utf_8_decode(data, "surrogateescape", True),
+    )
+
+
+codecs.register(_find_fs_codec)
+
+
+def _quiet_sh_debug(logger: Any, message: str, *args: object) -> None:
+    """sh formats every internal debug message (a repr per pipe read) even when nothing
+    logs it: a fifth of its CPU on a large batch. Format only when someone listens."""
+    if logger.log.isEnabledFor(logging.DEBUG):
+        logger.log.debug(logger._format_msg(message, *args))
+
+
+# sh's module object is replaced by a wrapper that resolves attributes as commands; its
+# Logger class is reached through a function's globals. Left alone if sh ever changes.
+_ShLogger = sh.Command.__call__.__globals__.get("Logger")
+if _ShLogger is not None and hasattr(_ShLogger, "_format_msg"):
+    _ShLogger.debug = _quiet_sh_debug
+
+# One argv must stay well below the kernel's limit (ARG_MAX includes the environment).
+_ARGV_BYTES = min(os.sysconf("SC_ARG_MAX") // 4, 512 * 1024)
+_ARGV_FILES = 2000
+
+
+class DcmtkMissing(Exception):
+    """A DCMTK tool is not installed; the message says how to fix it."""
+
+
+@dataclass
+class ToolRun:
+    tool: str
+    argv: list[str]
+    exit_code: int
+    seconds: float
+    lines: list[str] = field(default_factory=list)
+
+
+class Stopped(Exception):
+    """The importer is shutting down: no new DCMTK call starts."""
+
+
+_running: dict[int, sh.RunningCommand] = {}
+_running_lock = threading.Lock()
+_stopping = threading.Event()
+
+
+def request_stop() -> None:
+    """On SIGTERM: end every running DCMTK process and refuse to start new ones.
+
+    A killed storescu leaves its unanswered files for the next run; a killed dcmodify only
+    ever works on copies.
+    """
+    _stopping.set()
+    with _running_lock:
+        for command in list(_running.values()):
+            with contextlib.suppress(Exception):  # already gone
+                command.terminate()
+
+
+def stop_requested(wait: float) -> bool:
+    """Sleep up to wait seconds; True at once if the importer is shutting down."""
+    return _stopping.wait(wait)
+
+
+@functools.cache
+def tool_path(tool: str) -> str:
+    """Where a DCMTK tool is: the first on PATH, never in this program's own Python
+    environment (pynetdicom, a test dependency, installs scripts named storescu, findscu…
+    there, which an activated virtualenv would otherwise put first)."""
+    own_bin = os.path.dirname(os.path.abspath(sys.executable))
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        if not directory or os.path.abspath(directory) == own_bin:
+            continue
+        candidate = os.path.join(directory, tool)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise DcmtkMissing(f"{tool} not found — install dcmtk (apt-get install dcmtk)")
+
+
+def run(
+    tool: str,
+    args: Sequence[str],
+    *,
+    on_line: Callable[[str], bool | None] | None = None,
+    network: bool = False,
+) -> ToolRun:
+    """Run one DCMTK tool to completion, streaming its merged stdout/stderr to on_line;
+    on_line returning True ends the tool early (e.g. storescu after a DIMSE timeout)."""
+    if _stopping.is_set():
+        raise Stopped(f"not starting {tool}: shutting down")
+    command = sh.Command(tool_path(tool))
+    env = dict(os.environ)
+    if network:
+        env["TCP_NODELAY"] = "1"  # avoids a ~44 ms Nagle/delayed-ACK stall per file
+    lines: list[str] = []
+    holder: list[sh.RunningCommand] = []
+    give_up = threading.Event()
+
+    def collect(line: str) -> None:
+        line = line.rstrip("\r\n")
+        lines.append(line)
+        if on_line is not None and on_line(line) is True and not give_up.is_set():
+            give_up.set()  # the parser has seen enough: end the tool now
+            if holder:
+                holder[0].terminate()
+
+    started = time.monotonic()
+    running = command(
+        *args,
+        _out=collect,
+        _err_to_out=True,
+        # With an output callback and no stdin, sh creates a stdin queue whose thread
+        # polls every 0.1 s: +100 ms per call. DCMTK tools read no stdin.
+        _in=b"",
+        _tty_out=False,
+        _bg=True,
+        _bg_exc=False,
+        _ok_code=list(range(256)),
+        _encoding=_FS_CODEC,
+        _env=env,
+        _return_cmd=True,
+        # sh's own debug logging formats the whole argv into every message, per output
+        # line, even when nothing logs it: a short context keeps that cheap.
+        _log_msg=lambda _cmd, _call_args, pid=None: f"{tool} {pid}",
+    )
+    holder.append(running)
+    with _running_lock:
+        _running[id(running)] = running
+        if _stopping.is_set() or give_up.is_set():  # asked to stop while it was starting
+            running.terminate()
+    try:
+        running.wait()
+        exit_code = running.exit_code
+    except sh.SignalException as exc:
+        exit_code = -int(getattr(exc, "signal", 15) or 15)
+    finally:
+        with _running_lock:
+            _running.pop(id(running), None)
+    result = ToolRun(tool, [tool, *args], exit_code, time.monotonic() - started, lines)
+    metrics.tool_ran(tool, result.seconds)
+    argv, output = result.argv, lines
+    if logs.hiding_names():  # LOG_PATIENT_NAMES=false: no PatientName value in the record
+        argv = [mask_patient_name(arg) for arg in argv]
+        output = [mask_patient_name(line) for line in lines]
+    log.debug(
+        "%s exit %s in %.3f s", tool, exit_code, result.seconds,
+        extra={"tool": tool, "argv": argv, "exit_code": exit_code,
+               "duration": round(result.seconds, 4), "output": output},
+    )
+    return result
+
+
+# `(0010,0010)=<name>` in dcmodify's argv; `(0010,0010) PN [<name>]  # 8, 1 PatientName` (or
+# a UN/SQ rendering) in dcmdump's output: the value up to the length comment goes.
+_PATIENT_NAME_VALUE = re.compile(
+    r"(?P<head>\(0010,0010\)(?:=| [A-Za-z]{2} ))(?P<value>.*?)(?=\s+#\s*(?:\d+|u/l),|$)")
+
+
+def mask_patient_name(text: str) -> str:
+    """text with any PatientName value, as DCMTK's argv and dumps spell it, replaced by ***."""
+    if "(0010,0010)" not in text:
+        return text
+    return _PATIENT_NAME_VALUE.sub(lambda m: m["head"] + logs.MASK, text)
+
+
+def chunked(paths: Sequence[str], fixed_bytes: int = 0) -> Iterator[list[str]]:
+    """Split paths into argv-sized chunks."""
+    chunk: list[str] = []
+    size = fixed_bytes
+    for path in paths:
+        cost = len(path.encode("utf-8", "surrogateescape")) + 1 + 8  # + NUL + argv pointer
+        if chunk and (size + cost > _ARGV_BYTES or len(chunk) >= _ARGV_FILES):
+            yield chunk
+            chunk, size = [], fixed_bytes
+        chunk.append(path)
+        size += cost
+    if chunk:
+        yield chunk
+
+
+def versions() -> dict[str, str]:
+    """Installed DCMTK tool versions (for `importer check` and logs)."""
+    found = {}
+    for tool in ("dcmftest", "dcmdump", "dcmodify", "dcmconv", "storescu", "echoscu", "findscu"):
+        try:
+            first = run(tool, ["--version"]).lines
+        except DcmtkMissing as exc:
+            found[tool] = str(exc)
+            continue
+        found[tool] = next((line for line in first if "dcmtk" in line), "unknown").strip("$ ")
+    return found

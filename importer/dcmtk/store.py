@@ -1,0 +1,182 @@
+"""storescu and echoscu: a file counts as delivered only by the PACS's answer for it."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from importer.config import Destination
+from importer.dcmtk.runner import ToolRun, chunked, run
+
+# --- storescu ---------------------------------------------------------------------------
+
+
+class Outcome(Enum):
+    DELIVERED = "delivered"
+    TRANSIENT = "transient"  # not sent, or the PACS was out of resources: try again later
+    PERMANENT = "permanent"  # the PACS refused this file
+    # The PACS accepts neither this file's transfer syntax for its SOP class nor one storescu
+    # can convert it to: a decompressed copy may still go (decompression_tool).
+    UNACCEPTED = "unaccepted"
+
+
+@dataclass
+class StoreResult:
+    outcome: Outcome
+    detail: str
+
+
+_SENDING = "I: Sending file: "
+_RESPONSE = re.compile(r"^I: Received Store Response \((?P<status>.*)\)\s*$")
+_BAD_FILE = re.compile(r"^E: Bad DICOM file: (?P<rest>.*)$")
+_STORE_FAILED = "E: Store Failed, file: "
+_NO_UID = "E: No SOP Class or Instance UID in file: "
+_DIMSE_TIMEOUT = "DIMSE No data available"  # storescu's wording for a DIMSE timeout
+_CANNOT_CONVERT = re.compile(
+    r"unable to convert dataset from '(?P<source>[^']*)' transfer syntax to '(?P<target>[^']*)'")
+_STORE_REQUEST = re.compile(r"^I: Sending Store Request \(MsgID \d+, (?P<sop>[^)]*)\)")
+
+
+def classify_status(status: str) -> Outcome:
+    """Map storescu's status text (DU_cstoreStatusString) to what it means for the file."""
+    if status.startswith(("Success", "Warning")):
+        return Outcome.DELIVERED
+    if status.startswith("Refused: OutOfResources"):
+        return Outcome.TRANSIENT
+    if match := re.search(r"0x([0-9a-fA-F]{1,4})\b", status):  # DCMTK drops leading zeros
+        code = int(match.group(1), 16)
+        if code == 0 or code in (0x0001, 0x0107, 0x0116) or 0xB000 <= code <= 0xBFFF:
+            return Outcome.DELIVERED
+        if 0xA700 <= code <= 0xA7FF:
+            return Outcome.TRANSIENT
+    return Outcome.PERMANENT
+
+
+# storescu proposes uncompressed transfer syntaxes unless told otherwise; a compressed file
+# then fails with "DIMSE Failed to send message". Option per (compressed) transfer syntax.
+_PROPOSE = {
+    "1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.57": "-xs", "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.4.100": "-xm", "1.2.840.10008.1.2.4.101": "-xh",
+    "1.2.840.10008.1.2.4.102": "-xn", "1.2.840.10008.1.2.4.103": "-xl",
+    "1.2.840.10008.1.2.4.104": "-x2", "1.2.840.10008.1.2.4.105": "-x3",
+    "1.2.840.10008.1.2.4.106": "-xo", "1.2.840.10008.1.2.4.107": "-x4",
+    "1.2.840.10008.1.2.4.108": "-x5", "1.2.840.10008.1.2.5": "-xr",
+    "1.2.840.10008.1.2.1.99": "-xd",
+}
+
+
+def proposal_for(transfer_syntax: str) -> str:
+    """The storescu option that proposes this transfer syntax ('' = uncompressed default)."""
+    return _PROPOSE.get(transfer_syntax, "")
+
+
+def store(destination: Destination, paths: Sequence[str], proposal: str = "",
+          on_answer: Callable[[str, StoreResult], None] | None = None,
+          ) -> tuple[dict[str, StoreResult], str]:
+    """Send files over one association per chunk; return each file's result.
+
+    A file counts as delivered only by the PACS's own answer for it. Files for which no
+    answer arrived (connection refused, association rejected or aborted) are TRANSIENT.
+    The second value is the association-level error, if any.
+    """
+    # -R: propose only the SOP classes present, so classes outside storescu's default list
+    # (e.g. Segmentation) can be sent too.
+    args = ["-v", "-nh", "-R", *([proposal] if proposal else []),
+            *association_args(destination), destination.host, str(destination.port)]
+    parser = _StoreParser(on_answer)
+    fixed = sum(len(a) + 9 for a in args)
+    for chunk in chunked(paths, fixed):
+        parser.current = parser.failed = None
+        tool_run = run("storescu", [*args, *chunk], on_line=parser, network=True)
+        if tool_run.exit_code != 0 and not parser.association_errors:
+            parser.association_errors.append(f"storescu exit code {tool_run.exit_code}")
+    error = "; ".join(dict.fromkeys(parser.association_errors))
+    results = parser.results
+    for path in paths:
+        if path not in results:
+            results[path] = StoreResult(Outcome.TRANSIENT, error or "no answer from the PACS")
+    return results, error
+
+
+class _StoreParser:
+    """Pairs `storescu -v` lines: `Sending file: <path>` then the PACS's answer for it."""
+
+    def __init__(self, on_answer: Callable[[str, StoreResult], None] | None = None) -> None:
+        self.results: dict[str, StoreResult] = {}
+        self.association_errors: list[str] = []
+        self.current: str | None = None
+        self.failed: str | None = None
+        self.sop: str = ""  # storescu's short name of the current file's SOP class
+        self.unconvertible: str | None = None  # why the current file's syntax cannot go
+        self.on_answer = on_answer  # told each PACS answer as it arrives
+
+    def __call__(self, line: str) -> bool:
+        """Returns True when the rest of this association is not worth waiting for."""
+        if line.startswith(_SENDING):
+            self.current, self.failed = line[len(_SENDING):], None
+            self.sop, self.unconvertible = "", None
+        elif request := _STORE_REQUEST.match(line):
+            self.sop = request["sop"]
+        elif (cannot := _CANNOT_CONVERT.search(line)) and self.current:
+            self.unconvertible = (f"the PACS accepts no {cannot['source']} for this file's"
+                                  f" SOP class ({self.sop or 'see the file'})")
+        elif (response := _RESPONSE.match(line)) and self.current:
+            status = response["status"]
+            result = self.results[self.current] = StoreResult(classify_status(status), status)
+            if self.on_answer is not None:
+                self.on_answer(self.current, result)
+            self.current = None
+        elif _BAD_FILE.match(line) and self.current:
+            self.results[self.current] = StoreResult(Outcome.PERMANENT, line[3:])
+            self.current = None
+        elif line.startswith(_STORE_FAILED):
+            self.failed = line[len(_STORE_FAILED):].rstrip(":")
+            self.results[self.failed] = (
+                StoreResult(Outcome.UNACCEPTED, self.unconvertible) if self.unconvertible
+                else StoreResult(Outcome.TRANSIENT, "store failed"))
+            self.current = self.unconvertible = None
+        elif line.startswith(_NO_UID):  # found while checking input files
+            self.results[line[len(_NO_UID):]] = StoreResult(Outcome.PERMANENT, line[3:])
+        elif line.startswith(("E: ", "F: ")):
+            if self.failed:
+                self.results[self.failed].detail += ": " + line[3:]
+                if _DIMSE_TIMEOUT in line:
+                    # storescu -nh would go on, one full DIMSE timeout per file.
+                    self.association_errors.append(
+                        f"the PACS stopped answering ({line[3:]}); the rest of this"
+                        " association is left for the next attempt")
+                    return True
+            if line.startswith("F: ") or "Association" in line:
+                self.association_errors.append(line[3:])
+            elif not self.failed and self.current and self.current not in self.results:
+                # e.g. "No presentation context for: (SG) …": the PACS accepted no
+                # context for this file's SOP class and transfer syntax.
+                self.results[self.current] = StoreResult(Outcome.PERMANENT, line[3:])
+        return False
+
+
+def association_args(destination: Destination) -> list[str]:
+    args = [
+        "-aet", destination.calling_aet, "-aec", destination.called_aet,
+        "-to", str(destination.connect_timeout), "-ta", str(destination.acse_timeout),
+        "-td", str(destination.dimse_timeout),
+    ]
+    if destination.tls_key and destination.tls_cert:
+        # -pw: an unencrypted key; DCMTK would otherwise prompt on stdin.
+        args += ["+tls", str(destination.tls_key), str(destination.tls_cert), "-pw"]
+    elif destination.tls_ca:
+        args += ["+tla"]  # TLS without a client certificate
+    if destination.tls_ca:
+        args += ["+cf", str(destination.tls_ca)]  # verify the PACS against this CA
+    return args
+
+
+def echo(destination: Destination) -> ToolRun:
+    """C-ECHO: does the PACS accept an association from us at all?"""
+    return run("echoscu", ["-v", *association_args(destination),
+                           destination.host, str(destination.port)], network=True)
