@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,11 @@ class FolderAudit:
                                  for name, d in self.destinations.items()}}
 
 
+# C-FIND queries in flight at once per audit: most of a query's time is findscu starting
+# and the PACS answering, not this machine's CPU.
+PARALLEL_QUERIES = 4
+
+
 class Auditor:
     """Asks each destination once per study and remembers the answer for this run (one
     study is often archived in several batches)."""
@@ -82,6 +88,28 @@ class Auditor:
         self.settings = settings
         self.answers: dict[tuple[str, str], dcmtk.FindResult] = {}
         self.refused: dict[str, str] = {}  # destination -> why it answers no C-FIND
+
+    def prefetch(self, folders: list[Path]) -> None:
+        """Ask every (destination, study) these folders' receipts name, a few at a time."""
+        wanted: set[tuple[str, str]] = set()
+        by_name = {d.name: d for d in self.settings.destinations
+                   if d.required and d.verify != "none"}
+        for folder in folders:
+            try:
+                receipt = json.loads(receipt_path(folder).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            for f in receipt.get("files", []):
+                for name in f.get("destinations", {}) if f.get("sent") else ():
+                    if name in by_name and f.get("study_instance_uid"):
+                        wanted.add((name, f["study_instance_uid"]))
+        wanted -= set(self.answers)
+        if not wanted:
+            return
+        with ThreadPoolExecutor(max_workers=PARALLEL_QUERIES) as pool:
+            found = pool.map(lambda key: dcmtk.find_instances(by_name[key[0]], key[1]),
+                             sorted(wanted))
+            self.answers.update(zip(sorted(wanted), found, strict=True))
 
     def audit(self, folder: Path) -> FolderAudit:
         path = receipt_path(folder)

@@ -299,7 +299,9 @@ def audit(verbose: bool, since: int | None, as_json: bool, **flags: Any) -> None
 
     auditor = Auditor(settings)
     found = []
-    for batch in archive_batches(settings, since_days=since):
+    batches = archive_batches(settings, since_days=since)
+    auditor.prefetch([f for batch in batches for f in archived_folders(batch)])
+    for batch in batches:
         for folder in archived_folders(batch):
             result = auditor.audit(folder)
             remember(settings, result)

@@ -94,7 +94,10 @@ def prune(settings: Settings, *, dry_run: bool, now: datetime | None = None,
     file must not stop the rest. on_folder(folder, deleting, why) is told each verdict."""
     results: list[Pruned] = []
     auditor = Auditor(settings)
-    for item in expired(settings, now):
+    items = expired(settings, now)
+    auditor.prefetch([f for item in items if item.kind == "archive"
+                      for f in archived_folders(item.path)])
+    for item in items:
         result = Pruned(item)
         targets = [item.path]
         if item.kind == "archive":

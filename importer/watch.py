@@ -169,7 +169,9 @@ class Watcher:
         self.last_audit = time.monotonic()
         auditor = Auditor(self.settings)
         folders = lacking = 0
-        for batch in archive_batches(self.settings):
+        batches = archive_batches(self.settings)
+        auditor.prefetch([f for batch in batches for f in archived_folders(batch)])
+        for batch in batches:
             for folder in archived_folders(batch):
                 result = auditor.audit(folder)
                 remember(self.settings, result)
