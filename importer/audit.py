@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -162,9 +164,48 @@ class Auditor:
         return self.answers[key]
 
 
+# Archive batch directories are named by when they were written: <yyyymmdd_hhmmss>.
+ARCHIVE_BATCH = re.compile(r"^(\d{8}_\d{6})$")
+
+
+def archive_batches(settings: Settings, since_days: int | None = None,
+                    now: datetime | None = None) -> list[Path]:
+    """Archive batch directories (<yyyymmdd_hhmmss>), oldest first; with since_days only
+    those of the last since_days days."""
+    now = now or datetime.now()
+    batches = []
+    if settings.archive_dir.is_dir():
+        for entry in sorted(settings.archive_dir.iterdir()):
+            match = ARCHIVE_BATCH.match(entry.name)
+            if not match or entry.is_symlink() or not entry.is_dir():
+                continue
+            try:
+                when = datetime.strptime(match.group(1), "%Y%m%d_%H%M%S")
+            except ValueError:
+                continue
+            if since_days is None or now - when <= timedelta(days=since_days):
+                batches.append(entry)
+    return batches
+
+
 def archived_folders(batch: Path) -> list[Path]:
     """The patient folders archived in one batch directory (<ts>/<folder>)."""
     return sorted(p for p in batch.iterdir() if p.is_dir() and not p.is_symlink())
+
+
+def audit_all(settings: Settings, since_days: int | None = None) -> list[FolderAudit]:
+    """The check for every archived folder (of the last since_days days), without deleting;
+    `importer status` then lists those a PACS no longer fully holds."""
+    folders = [f for batch in archive_batches(settings, since_days)
+               for f in archived_folders(batch)]
+    auditor = Auditor(settings)
+    auditor.prefetch(folders)
+    found = []
+    for folder in folders:
+        result = auditor.audit(folder)
+        remember(settings, result)
+        found.append(result)
+    return found
 
 
 # --- what `importer status` lists: archived folders a PACS no longer fully holds ---------

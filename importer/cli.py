@@ -294,18 +294,9 @@ def audit(verbose: bool, since: int | None, as_json: bool, **flags: Any) -> None
     without deleting anything. Exit 1 if a PACS lacks any."""
     settings = _settings(flags)
     logs.setup(None, verbose=verbose)
-    from importer.audit import Auditor, archived_folders, remember
-    from importer.retention import archive_batches
+    from importer.audit import audit_all
 
-    auditor = Auditor(settings)
-    found = []
-    batches = archive_batches(settings, since_days=since)
-    auditor.prefetch([f for batch in batches for f in archived_folders(batch)])
-    for batch in batches:
-        for folder in archived_folders(batch):
-            result = auditor.audit(folder)
-            remember(settings, result)
-            found.append(result)
+    found = audit_all(settings, since_days=since)
     if as_json:
         click.echo(json.dumps([a.as_dict() for a in found], ensure_ascii=False, indent=2))
     for result in [] if as_json else found:

@@ -11,6 +11,8 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
+from importer.logs import MASK
+
 # Letters and digits of any script, plus PN's component (^), group (=) separators and '#'.
 DEFAULT_PATTERN = r"^#(?P<id>[0-9]+)-(?P<name>(?=.*[^\W_])(?:[^\W_]|[\^#=])+)$"
 
@@ -74,6 +76,17 @@ def _fits_vr(patient: Patient) -> bool:
     if not patient.name or len(groups) > MAX_PN_GROUPS:
         return False
     return all(len(group) <= MAX_PN_GROUP_CHARS for group in groups)
+
+
+def mask_names(text: str, pattern: re.Pattern[str], show: bool) -> str:
+    """A folder name or path with patient names hidden (show=False: LOG_PATIENT_NAMES)."""
+    if show:
+        return text
+    parts = []
+    for part in text.split("/"):
+        patient = parse_folder_name(part, pattern)
+        parts.append(f"#{patient.id}-{MASK}" if patient else part)
+    return "/".join(parts)
 
 
 def display(name: str) -> str:

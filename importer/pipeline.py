@@ -96,7 +96,7 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
             set_aside_unsettled(folder, settle)
             if folder.files or folder.writing:
                 folders.append(folder)
-                progress.folder(display(name), len(folder.files))
+                progress.folder(name, len(folder.files))
         report.folders = folders
         if not folders:
             return report
@@ -194,8 +194,7 @@ def _read_originals(folders: list[Folder], magic: dict[str, bool]) -> dict[str, 
     # Without the preamble and "DICM" a data set is still DICOM if DCMTK reads it, with
     # its SOP Class and Instance UIDs (stamping writes it back as a file with meta header).
     for path, dump in dcmtk.dump_tags([p for p in paths if not magic[p]], ORIGINAL_TAGS).items():
-        if not dump.error and dump.values.get(dcmtk.SOP_CLASS) and dump.values.get(
-                dcmtk.SOP_INSTANCE_UID):
+        if not dump.error and _has_sop_uids(dump):
             dumps[path] = dump
     return dumps
 
@@ -213,6 +212,7 @@ def _classify(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) 
     for source in folder.files:
         dump = dumps.get(source.path)
         young = now - source.ident.changed_at() < settings.incomplete_grace
+        dicomdir = dump is not None and _is_dicomdir(source, dump)
         if dump is None:
             if young and could_become_dicom(source.path):
                 folder.writing[source.path] = (
@@ -221,13 +221,13 @@ def _classify(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) 
             warn("Not a DICOM file: %s/%s (archived with its folder, not sent)",
                  display(folder.name), display(source.rel))
             folder.unsent.append(source)
-        elif unfinished := _looks_unfinished(dump, _is_dicomdir(source, dump)):
+        elif unfinished := _looks_unfinished(dump, dicomdir):
             while_young, once_old = unfinished
             if young:
                 folder.writing[source.path] = f"incomplete: {while_young}"
                 continue
             folder.to_quarantine[source.path] = once_old
-        elif _is_dicomdir(source, dump):
+        elif dicomdir:
             folder.unsent.append(source)  # a CD's index, not an image: never sent
         else:
             source.transfer_syntax = dump.values.get(dcmtk.TRANSFER_SYNTAX, "")
@@ -318,6 +318,11 @@ def _digest(path: str) -> str:
     return sha.hexdigest()
 
 
+def _has_sop_uids(dump: dcmtk.Dump) -> bool:
+    """What a C-STORE needs of a data set: its SOP Class and Instance UIDs."""
+    return bool(dump.values.get(dcmtk.SOP_CLASS) and dump.values.get(dcmtk.SOP_INSTANCE_UID))
+
+
 def _is_dicomdir(source: SourceFile, dump: dcmtk.Dump) -> bool:
     return (dump.values.get(dcmtk.MEDIA_STORAGE_SOP_CLASS) == DICOMDIR_SOP_CLASS
             or os.path.basename(source.path).upper() == "DICOMDIR")
@@ -335,7 +340,7 @@ def _looks_unfinished(dump: dcmtk.Dump, dicomdir: bool) -> tuple[str, str] | Non
         return ("an image without its pixel data yet",
                 "image without pixel data: the header of an image whose pixel data never"
                 " arrived (a copy that stopped); get it again from its source")
-    if not dicomdir and not (values.get(dcmtk.SOP_CLASS) and values.get(dcmtk.SOP_INSTANCE_UID)):
+    if not dicomdir and not _has_sop_uids(dump):
         return ("no SOP Class or Instance UID yet",
                 "no SOP Class UID or SOP Instance UID in the data set: a C-STORE cannot carry"
                 " it (fix it at its source)")

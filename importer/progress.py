@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from importer import logs
+from importer.folders import display
 
 
 @dataclass
@@ -103,15 +104,23 @@ _active: Progress | None = None
 
 
 def activate(progress: Progress | None) -> None:
+    """Count for this progress line (only when it draws: on a terminal)."""
     global _active
-    _active = progress
+    _active = progress if progress is not None and progress.enabled else None
 
 
-def folder(label: str, total: int) -> None:
+def active() -> bool:
+    """Whether anything is counted: callers skip work done only for the line."""
+    return _active is not None
+
+
+def folder(name: str, total: int) -> None:
     if _active is not None:
-        _active.folder(label, total)
+        _active.folder(display(name), total)
 
 
-def add(label: str, what: str, count: int = 1) -> None:
+def add(name: str, what: str, count: int = 1) -> None:
+    """Count files of the folder named name (its directory name) stamped, answered or
+    listed by C-FIND."""
     if _active is not None:
-        _active.add(label, what, count)
+        _active.add(display(name), what, count)

@@ -86,6 +86,20 @@ def _iso(timestamp: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(timestamp))
 
 
+def destination_cells(entry: dict[str, Any], names: list[str]) -> list[str]:
+    """One receipt file's answer per destination, as words (one cell if never sent)."""
+    if not entry.get("sent"):
+        return [f"not sent: {entry.get('why', '')}"]
+    cells = []
+    for name in names:
+        d = entry["destinations"].get(name, {})
+        mark = " +C-FIND" if d.get("verified_by_c_find") else ""
+        if d.get("earlier_versions_sent"):
+            mark += f" (resent x{d['earlier_versions_sent']})"
+        cells.append((d.get("c_store_status") or "-") + mark)
+    return cells
+
+
 def render(path: Path) -> str:
     """A receipt as a readable table (for `importer receipt`)."""
     if path.is_dir():
@@ -101,17 +115,12 @@ def render(path: Path) -> str:
     width = max([len(f["path"]) for f in receipt["files"]] + [4])
     lines.append(f"{'file':<{width}}  {'bytes':>10}  " + "  ".join(f"{n:<22}" for n in names))
     for f in receipt["files"]:
+        cells = destination_cells(f, names)
         if not f.get("sent"):
-            lines.append(f"{f['path']:<{width}}  {f['size']:>10}  not sent: {f.get('why', '')}")
+            lines.append(f"{f['path']:<{width}}  {f['size']:>10}  {cells[0]}")
             continue
-        cells = []
-        for n in names:
-            d = f["destinations"].get(n, {})
-            mark = " +C-FIND" if d.get("verified_by_c_find") else ""
-            if d.get("earlier_versions_sent"):
-                mark += f" (resent x{d['earlier_versions_sent']})"
-            cells.append(f"{(d.get('c_store_status') or '-') + mark:<22}")
-        lines.append(f"{f['path']:<{width}}  {f['size']:>10}  " + "  ".join(cells))
+        lines.append(f"{f['path']:<{width}}  {f['size']:>10}  "
+                     + "  ".join(f"{c:<22}" for c in cells))
     sent = sum(1 for f in receipt["files"] if f.get("sent"))
     lines.append(f"{sent} files sent, {len(receipt['files']) - sent} archived unsent")
     return "\n".join(lines)

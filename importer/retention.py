@@ -13,18 +13,16 @@ from __future__ import annotations
 import re
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from importer.audit import Auditor, archived_folders, forget, remember
+from importer.audit import ARCHIVE_BATCH, Auditor, archived_folders, forget, remember
 from importer.config import Settings
 from importer.logs import warn
 from importer.receipt import receipt_path
 
 _BATCH_LOG = re.compile(r"^(\d{8}-\d{6})\.log$")
-_ARCHIVE_BATCH = re.compile(r"^(\d{8}_\d{6})$")
 
 
 @dataclass(frozen=True)
@@ -40,7 +38,7 @@ def expired(settings: Settings, now: datetime | None = None) -> list[Expired]:
     found: list[Expired] = []
     for kind, root, pattern, fmt, days in (
         ("log", settings.log_dir, _BATCH_LOG, "%Y%m%d-%H%M%S", settings.log_retention_days),
-        ("archive", settings.archive_dir, _ARCHIVE_BATCH, "%Y%m%d_%H%M%S",
+        ("archive", settings.archive_dir, ARCHIVE_BATCH, "%Y%m%d_%H%M%S",
          settings.archive_retention_days),
     ):
         if days <= 0 or not root.is_dir():
@@ -67,47 +65,22 @@ class Pruned:
     folders: list[Path] = field(default_factory=list)  # the archived folders looked at
 
 
-def archive_batches(settings: Settings, since_days: int | None = None,
-                    now: datetime | None = None) -> list[Path]:
-    """Archive batch directories (<yyyymmdd_hhmmss>), oldest first; with since_days only
-    those of the last since_days days."""
-    now = now or datetime.now()
-    batches = []
-    if settings.archive_dir.is_dir():
-        for entry in sorted(settings.archive_dir.iterdir()):
-            match = _ARCHIVE_BATCH.match(entry.name)
-            if not match or entry.is_symlink() or not entry.is_dir():
-                continue
-            try:
-                when = datetime.strptime(match.group(1), "%Y%m%d_%H%M%S")
-            except ValueError:
-                continue
-            if since_days is None or now - when <= timedelta(days=since_days):
-                batches.append(entry)
-    return batches
-
-
-def prune(settings: Settings, *, dry_run: bool, now: datetime | None = None,
-          on_folder: Callable[[Path, bool, str], None] | None = None) -> list[Pruned]:
+def prune(settings: Settings, *, dry_run: bool, now: datetime | None = None) -> list[Pruned]:
     """Remove what has expired (or only list it): logs by age; archived folders by age
     once each PACS still holds them (see audit.py; the dry run asks too). One unremovable
-    file must not stop the rest. on_folder(folder, deleting, why) is told each verdict."""
-    results: list[Pruned] = []
+    file must not stop the rest."""
+    results = [Pruned(item, folders=archived_folders(item.path) if item.kind == "archive"
+                      else []) for item in expired(settings, now)]
     auditor = Auditor(settings)
-    items = expired(settings, now)
-    auditor.prefetch([f for item in items if item.kind == "archive"
-                      for f in archived_folders(item.path)])
-    for item in items:
-        result = Pruned(item)
+    auditor.prefetch([folder for result in results for folder in result.folders])
+    for result in results:
+        item = result.item
         targets = [item.path]
         if item.kind == "archive":
             targets = []
-            result.folders = archived_folders(item.path)
             for folder in result.folders:
                 audit = auditor.audit(folder)
                 allowed, why = audit.may_delete(settings.prune_verify)
-                if on_folder is not None:
-                    on_folder(folder, allowed, why)
                 if not allowed:
                     warn("Kept %s past retention: %s", folder, why)
                     result.kept.append((folder, why))
@@ -125,7 +98,6 @@ def prune(settings: Settings, *, dry_run: bool, now: datetime | None = None,
                 forget(settings, target)
         result.problem = ("; ".join(problems[:3]) + (" …" if len(problems) > 3 else "")
                           if problems else None)
-        results.append(result)
     return results
 
 

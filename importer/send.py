@@ -77,8 +77,8 @@ class Sender:
             for folder in folders:
                 todo_here = self._todo(destination, folder)
                 todo += todo_here
-                if destination is first:
-                    counted.update((f.path, display(folder.name)) for f in todo_here)
+                if destination is first and progress.active():
+                    counted.update((f.path, folder.name) for f in todo_here)
             sends = []
             if todo:
                 slow = self.pace.get(destination.name, 0.0) > SLOW_SECONDS_PER_FILE
@@ -122,9 +122,9 @@ class Sender:
             return
         wrong = self.verifier.verify(destination, folder.patient.id, check)
         folder.to_quarantine.update(wrong)
-        if destination is self.settings.destinations[0]:
+        if destination is self.settings.destinations[0] and progress.active():
             after = self.journal.lookup([f.key for f in check], destination.name)
-            progress.add(display(folder.name), "listed",
+            progress.add(folder.name, "listed",
                          sum(after[f.key].verified_by == "c-find" for f in check))
 
     def _send(self, destination: Destination, transfer_syntax: str,
@@ -181,8 +181,8 @@ class Sender:
                     if run.exit_code == 0 and os.path.exists(copy):
                         copies[copy] = source
                         continue
-                    said = " | ".join(line for line in run.lines if line[:3] in ("E: ", "F: "))
-                    reason += f"; {tool[0]} could not decompress it: {said or run.exit_code}"
+                    reason += (f"; {tool[0]} could not decompress it:"
+                               f" {run.said() or run.exit_code}")
                 refused.append((source.key, False, self.settings.max_attempts, reason))
             if refused:
                 self.journal.record(destination.name, refused)

@@ -183,7 +183,7 @@ def _mark_ready(folder: Folder, source: SourceFile) -> None:
         return
     source.ident = Identity.of(st)
     folder.ready.append(source)
-    progress.add(display(folder.name), "stamped")
+    progress.add(folder.name, "stamped")
 
 
 def _intent_path(settings: Settings, folder_name: str) -> Path:
@@ -234,10 +234,9 @@ def _stage_copies(folder: Folder, to_stamp: list[SourceFile], dumps: dict[str, d
             if run.exit_code == 0 and os.path.exists(copy):
                 copies[copy] = source
             else:
-                said = " | ".join(line for line in run.lines if line[:3] in ("E: ", "F: "))
                 folder.to_quarantine[source.path] = (
                     f"its patient tags are encoded as UN and dcmconv +uc could not give them"
-                    f" their real VR (exit {run.exit_code}: {said})")
+                    f" their real VR (exit {run.exit_code}: {run.said()})")
             continue
         if not utf8 or charset in UTF8_CHARSETS:
             target = copy  # stamped as it is
@@ -270,9 +269,8 @@ def _stage_copies(folder: Folder, to_stamp: list[SourceFile], dumps: dict[str, d
             if run.exit_code == 0 and os.path.exists(copy):
                 converted[copy] = source
                 continue
-            said = " | ".join(line for line in run.lines if line[:3] in ("E: ", "F: "))
             why = (f"cannot convert character set {charset!r} to UTF-8 for the non-ASCII "
-                   f"name (dcmconv +U8 exit {run.exit_code}: {said})")
+                   f"name (dcmconv +U8 exit {run.exit_code}: {run.said()})")
             if given != source.path:
                 why += (f"; DICOM has no {charset!r} (Korean is only defined as a code "
                         f"extension), so it was tried as {RELABEL_CHARSETS[charset]!r}: typically "

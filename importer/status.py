@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from importer import dcmtk
-from importer.audit import archived_folders, missing_at_pacs
+from importer.audit import archive_batches, archived_folders, missing_at_pacs
 from importer.config import Destination, Settings
 from importer.folders import display
 from importer.journal import Journal
 from importer.receipt import receipt_path
-from importer.retention import archive_batches
 from importer.snapshot import list_files, scan_import_dir
+from importer.verify import find_fix
 
 TOOLS = ("dcmftest", "dcmdump", "dcmodify", "dcmconv", "storescu", "echoscu", "findscu")
 
@@ -69,9 +69,7 @@ def _find_probe(destination: Destination) -> Check:
     if not result.error:
         return Check(name, True, "answered: files are verified by C-FIND before archiving")
     if result.refused:
-        aet = destination.calling_aet
-        fix = (f"let {aet} query it (Orthanc: add {aet} to DicomModalities, or set"
-               " DicomAlwaysAllowFind)")
+        fix = find_fix(destination)
         if destination.verify == "auto":
             return Check(name, True, f"refused ({result.error}): C-STORE answers only; to"
                                      f" verify, {fix}")

@@ -154,10 +154,8 @@ class Verifier:
         return listed, failed
 
     def _refused(self, destination: Destination, error: str) -> None:
-        aet = destination.calling_aet
-        why = (f"{destination.label} answers no C-FIND from {aet} ({error}). To have files"
-               f" verified there, let {aet} query it (Orthanc: add {aet} to DicomModalities,"
-               " or set DicomAlwaysAllowFind)")
+        why = (f"{destination.label} answers no C-FIND from {destination.calling_aet}"
+               f" ({error}). To have files verified there, {find_fix(destination)}")
         with self.lock:
             first = destination.name not in self.refused
             self.refused[destination.name] = why
@@ -165,6 +163,13 @@ class Verifier:
             warn("%s; relying on its C-STORE answers (verify = auto)", why)
         elif first:
             warn("%s; files wait for it (verify = c-find)", why)
+
+
+def find_fix(destination: Destination) -> str:
+    """What lets this importer query a PACS that refuses its C-FIND."""
+    aet = destination.calling_aet
+    return (f"let {aet} query it (Orthanc: add {aet} to DicomModalities, or set"
+            " DicomAlwaysAllowFind)")
 
 
 def _down(result: dcmtk.FindResult) -> bool:

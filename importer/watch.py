@@ -20,14 +20,14 @@ from pathlib import Path
 from inotify_simple import INotify, flags
 
 from importer import alerts, dcmtk, logs
-from importer.audit import Auditor, archived_folders, remember
+from importer.audit import audit_all
 from importer.config import Settings
 from importer.debounce import QuietTimers
-from importer.folders import display, parse_folder_name
+from importer.folders import display, mask_names, parse_folder_name
 from importer.journal import Journal
 from importer.logs import event, warn
 from importer.pipeline import run_batch
-from importer.retention import archive_batches, prune, seconds_until_daily
+from importer.retention import prune, seconds_until_daily
 from importer.snapshot import list_files, scan_import_dir, warn_unmatched
 from importer.web import StatusPage
 
@@ -167,20 +167,12 @@ class Watcher:
     def _audit(self) -> None:
         """Every AUDIT_INTERVAL_DAYS: does each PACS still hold every archived instance?"""
         self.last_audit = time.monotonic()
-        auditor = Auditor(self.settings)
-        folders = lacking = 0
-        batches = archive_batches(self.settings)
-        auditor.prefetch([f for batch in batches for f in archived_folders(batch)])
-        for batch in batches:
-            for folder in archived_folders(batch):
-                result = auditor.audit(folder)
-                remember(self.settings, result)
-                folders += 1
-                if not result.intact:
-                    lacking += 1
-                    warn("Audit: %s: %s", folder, result.may_delete("auto")[1])
+        found = audit_all(self.settings)
+        lacking = [result for result in found if not result.intact]
+        for result in lacking:
+            warn("Audit: %s: %s", result.folder, result.may_delete("auto")[1])
         event("INFO", "Audit: %d archived folders, %d with instances missing at a PACS",
-              folders, lacking)
+              len(found), len(lacking))
 
     def _beat(self) -> None:
         try:
@@ -237,10 +229,8 @@ class Watcher:
 
     def _label(self, folder_name: str) -> str:
         """The folder as logs may show it: with LOG_PATIENT_NAMES=false, without the name."""
-        if self.settings.log_patient_names:
-            return display(folder_name)
-        patient = parse_folder_name(folder_name, self.settings.folder_pattern)
-        return f"#{patient.id}-{logs.MASK}" if patient else display(folder_name)
+        return mask_names(display(folder_name), self.settings.folder_pattern,
+                          self.settings.log_patient_names)
 
     def _top_level(self, path: str) -> str | None:
         rel = os.path.relpath(path, self.root)

@@ -25,9 +25,8 @@ from typing import Any
 
 from importer import metrics
 from importer.config import Settings
-from importer.folders import parse_folder_name
-from importer.logs import MASK
-from importer.receipt import receipt_path
+from importer.folders import mask_names
+from importer.receipt import destination_cells, receipt_path
 from importer.status import gather_status
 
 MAX_CONNECTIONS = 16
@@ -155,19 +154,10 @@ def _handler(settings: Settings) -> type[BaseHTTPRequestHandler]:
 # --- rendering (pure: status data in, text out) ---------------------------------------------
 
 
-def masked(settings: Settings, text: str) -> str:
-    """A path or folder name with patient names hidden under LOG_PATIENT_NAMES=false."""
-    if settings.log_patient_names:
-        return text
-    parts = []
-    for part in text.split("/"):
-        patient = parse_folder_name(part, settings.folder_pattern)
-        parts.append(f"#{patient.id}-{MASK}" if patient else part)
-    return "/".join(parts)
-
-
 def _e(settings: Settings, value: Any) -> str:
-    return html.escape(masked(settings, str(value if value is not None else "")))
+    """A value as HTML text, patient names masked under LOG_PATIENT_NAMES=false."""
+    return html.escape(mask_names(str(value if value is not None else ""),
+                                  settings.folder_pattern, settings.log_patient_names))
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -248,14 +238,8 @@ def render_receipt(settings: Settings, relative: str, token: str = "") -> str | 
         return None
     e = lambda v: _e(settings, v)  # noqa: E731
     names = [d["name"] for d in receipt["destinations"]]
-    rows = []
-    for f in receipt["files"]:
-        cells = [e(f["path"]), e(f["size"])]
-        for n in names:
-            d = f.get("destinations", {}).get(n, {})
-            listed = " ✓ C-FIND" if d.get("verified_by_c_find") else ""
-            cells.append(e(d.get("c_store_status") or ("not sent: " + f.get("why", ""))) + listed)
-        rows.append(cells)
+    rows = [[e(f["path"]), e(f["size"]), *(e(c) for c in destination_cells(f, names))]
+            for f in receipt["files"]]
     back = f'<p><a href="/{"?token=" + urllib.parse.quote(token) if token else ""}">back</a></p>'
     body = (f"{back}<h1>Receipt</h1><p>{e(receipt['folder'])}: PatientID "
             f"{e(receipt['patient']['id'])}, PatientName {e(receipt['patient']['name'])}</p>"

@@ -68,6 +68,10 @@ class ToolRun:
     seconds: float
     lines: list[str] = field(default_factory=list)
 
+    def said(self) -> str:
+        """The tool's error and fatal lines, on one line (for a reason file or a log)."""
+        return " | ".join(line for line in self.lines if line[:3] in ("E: ", "F: "))
+
 
 class Stopped(Exception):
     """The importer is shutting down: no new DCMTK call starts."""
