@@ -30,7 +30,7 @@ from importer.verify import Verifier
 # Against a PACS that answers fast, one more storescu costs more than it gains below ~100
 # files; against one that stalls per file (Nagle: ~44 ms), parallel associations are the
 # lever, down to small groups. Which one it is shows in the answers of the first folder.
-MIN_FILES_PER_ASSOCIATION = 100
+MIN_FILES_PER_ASSOCIATION = 200
 MIN_FILES_PER_ASSOCIATION_SLOW = 10
 SLOW_SECONDS_PER_FILE = 0.01
 
