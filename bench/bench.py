@@ -63,6 +63,7 @@ class Run:
     note: str
     rss_kb: int | None = None
     tree_rss_kb: int | None = None
+    journal_kb: int | None = None  # the importer's SQLite journal (and its WAL) afterwards
     cpu_s: float | None = None  # user + system, the pipeline's processes and their children
 
 
@@ -264,7 +265,9 @@ def run_importer(imp: Path, archive: Path, t: Target, work: Path) -> Run:
     note = f"exit {rc}"
     if rc != 0:
         note += "\n" + tail(log)
-    return Run("", "importer", round(seconds, 4), rc == 0, note, peak[0] or None, usage.ru_maxrss)
+    journal = sum(p.stat().st_size for p in Path(dirs["STATE_DIR"]).glob("journal.sqlite3*"))
+    return Run("", "importer", round(seconds, 4), rc == 0, note, peak[0] or None, usage.ru_maxrss,
+               journal // 1024)
 
 
 PIPELINES: dict[str, Callable[[Path, Path, Target, Path], Run]] = {
@@ -336,6 +339,8 @@ def bench_receiver(
                         shutil.rmtree(scp.out_dir)
                 status = "ok" if run.ok else "INVALID"
                 rss = f", importer RSS {run.rss_kb / 1024:.1f} MB" if run.rss_kb else ""
+                if run.journal_kb is not None:
+                    rss += f", journal {run.journal_kb} KB"
                 print(
                     f"  {receiver:8} {method:8} #{rep}: {run.seconds:7.2f} s{rss}  "
                     f"[{status}: {run.note}]",

@@ -93,7 +93,9 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
             folder = Folder(name, settings.import_dir / name, patient, files, left)
             for rel, why in left:
                 warn("%s/%s: %s (left in place)", display(name), display(rel), why)
-            set_aside_unsettled(folder, settle)
+            # Its clock restarts after the recovery above: the originals it put back did
+            # not change "after now".
+            set_aside_unsettled(folder, settle.from_now())
             if folder.files or folder.writing:
                 folders.append(folder)
                 progress.folder(name, len(folder.files))

@@ -135,6 +135,11 @@ class SettleCheck:
         self._proc: dict[tuple[int, int], str] | None = None
         _ignore_sigio()
 
+    def from_now(self) -> SettleCheck:
+        """The same check, its clock read again (for the next folder of a batch)."""
+        self.now = time.time()
+        return self
+
     def why_unsettled(self, path: str, ident: Identity | None) -> str | None:
         """Why path must not be taken now (None: settled)."""
         if ident is None:

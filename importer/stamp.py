@@ -292,8 +292,7 @@ def _stage_copies(folder: Folder, to_stamp: list[SourceFile], dumps: dict[str, d
 
 def _has_un(dump: dcmtk.Dump) -> bool:
     """Identity or character set encoded as UN (explicit VR, as some anonymisers write)."""
-    return any(dump.vrs.get(tag) == "UN"
-               for tag in (dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME, dcmtk.CHARSET))
+    return not dump.un_tags.isdisjoint((dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME, dcmtk.CHARSET))
 
 
 def _identity_problem(dump: dcmtk.Dump, patient: Patient, utf8: bool) -> str | None:

@@ -61,7 +61,9 @@ class Dump:
 
     values: dict[str, str] = field(default_factory=dict)
     error: str | None = None
-    vrs: dict[str, str] = field(default_factory=dict)  # e.g. UN where an anonymiser wrote it
+    # Tags read with VR UN (an anonymiser's explicit-VR rewrite); the only VR anyone asks
+    # about, so the others are not kept: 20,000 dumps stay small.
+    un_tags: set[str] = field(default_factory=set)
 
 
 def dump_tags(paths: Sequence[str], tags: Iterable[str]) -> dict[str, Dump]:
@@ -104,8 +106,11 @@ class _DumpParser:
         elif (element := ELEMENT.match(line)) and self.current is not None:
             # +p prefixes nested occurrences with their sequence path, so only top-level
             # elements match here.
-            self.current.values.setdefault(element["tag"], _value(element))
-            self.current.vrs.setdefault(element["tag"], element["vr"])
+            tag = element["tag"]
+            if tag not in self.current.values:
+                self.current.values[tag] = _value(element)
+                if element["vr"] == "UN":
+                    self.current.un_tags.add(tag)
 
 
 def clean(value: str) -> str:

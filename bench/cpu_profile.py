@@ -1,6 +1,6 @@
 """Where the importer's CPU goes, per DCMTK tool and in its own Python process.
 
-    python bench/profile.py [--folders 6] [--files-per-folder 100] [--files N] [--rows 128]
+    python bench/cpu_profile.py [--folders 6] [--files-per-folder 100] [--files N] [--rows 128]
                             [--frames N] [--repeat 3] [--workdir /tmp] [--py-spy out.txt]
 
 Runs ``importer run-once`` on a generated corpus into storescp (TCP_NODELAY=1) with every
@@ -112,7 +112,6 @@ def one_run(corpus: Path, tmp: Path, py_spy: Path | None = None) -> dict[str, fl
         row[f"{tool} rss"] = peak[tool]
     # The importer's own process, and sh's work in each forked child before its exec.
     row["python"] = total - sum(sum(c) for c in per_tool.values())
-    row["python rss"] = usage.ru_maxrss  # the tree's peak: the importer's unless a tool's
     shutil.rmtree(work)
     return row
 
@@ -149,7 +148,7 @@ def main() -> int:
                 else ""
             rss = max(r.get(f"{key} rss", 0) for r in rows) / 1024
             print(f"{key:10} {calls!s:>6} {cpu:7.3f} {cpu / n * 1000:8.3f} {cpu / total:6.0%}"
-                  f" {rss:12.1f}")
+                  f" {format(rss, '12.1f') if rss else '(make bench)':>12}")
         print(f"{'total':10} {'':>6} {total:7.3f} {total / n * 1000:8.3f}"
               f"   (wall {statistics.median(r['wall'] for r in rows):.2f} s)")
         if args.py_spy:
