@@ -66,6 +66,8 @@ def _is_forbidden(ch: str) -> bool:
 
 
 def _has_forbidden_chars(text: str) -> bool:
+    if text.isprintable():  # none of those categories (isprintable also rejects Zs but " ")
+        return "/" in text or "\\" in text
     return any(_is_forbidden(ch) for ch in text)
 
 
@@ -91,6 +93,8 @@ def mask_names(text: str, pattern: re.Pattern[str], show: bool) -> str:
 
 def display(name: str) -> str:
     """A file or folder name safe to print on one line: odd characters escaped."""
+    if name.isprintable() and "\\" not in name:
+        return name  # no control, format, separator or undecodable character: the usual case
     out = []
     for ch in name:
         if 0xDC80 <= ord(ch) <= 0xDCFF:  # an undecodable byte, kept by surrogateescape

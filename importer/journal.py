@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS destination (
     last_success_at  REAL,
     last_failure_at  REAL,
     last_error       TEXT,
-    failing_since    REAL            -- first failure since its last success
+    failing_since    REAL,           -- first failure since its last success
+    seconds_per_file REAL            -- time between its answers, as last measured
 );
 """
 
@@ -56,6 +57,7 @@ _MIGRATIONS = (
     ("delivery", "verify_error", "TEXT"),
     ("delivery", "verify_failures", "INTEGER NOT NULL DEFAULT 0"),
     ("destination", "failing_since", "REAL"),
+    ("destination", "seconds_per_file", "REAL"),
 )
 
 # The row is of the same version of the file (a row from before ctime was recorded: by
@@ -87,7 +89,7 @@ _UPSERT = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileKey:
     path: str
     size: int
@@ -95,7 +97,7 @@ class FileKey:
     ctime_ns: int
 
 
-@dataclass
+@dataclass(slots=True)
 class Delivery:
     delivered: bool = False
     attempts: int = 0
@@ -108,6 +110,10 @@ class Delivery:
     superseded: int = 0  # earlier versions of this file the PACS had acknowledged
     verified_by: str | None = None  # 'c-find', or 'c-store' (no C-FIND could tell)
     verify_error: str | None = None  # why the last C-FIND gave no verdict
+
+
+def _shared(texts: dict[str, str], text: str | None) -> str | None:
+    return None if text is None else texts.setdefault(text, text)
 
 
 class Journal:
@@ -133,28 +139,36 @@ class Journal:
             return {}
         # One range scan over the primary key: the rows under the keys' common directory.
         low = os.fsencode(os.path.commonpath([k.path for k in keys]))
-        with self.lock:
-            rows = {
-                os.fsdecode(row[0]): row[1:]
-                for row in self.db.execute(
-                    "SELECT path, size, mtime_ns, delivered_at, attempts, refusals, last_error,"
-                    " last_status, verified_at, not_found, ctime_ns, superseded, verified_by,"
-                    " verify_error FROM delivery"
-                    " WHERE path >= ? AND path < ? AND destination = ?",
-                    (low, low + b"\xff", destination),
-                )
-            }
+        wanted = {key.path: key for key in keys}
         known: dict[FileKey, Delivery] = {}
+        texts: dict[str, str] = {}  # one object per distinct status or reason (20,000 files
+        # of a folder mostly share them)
+        with self.lock:
+            rows = self.db.execute(
+                "SELECT path, size, mtime_ns, delivered_at, attempts, refusals, last_error,"
+                " last_status, verified_at, not_found, ctime_ns, superseded, verified_by,"
+                " verify_error FROM delivery"
+                " WHERE path >= ? AND path < ? AND destination = ?",
+                (low, low + b"\xff", destination))
+            for (path, size, mtime_ns, delivered_at, attempts, refusals, last_error,
+                 last_status, verified_at, not_found, ctime_ns, superseded, verified_by,
+                 verify_error) in rows:
+                key = wanted.get(os.fsdecode(path))
+                if key is None:
+                    continue
+                if size == key.size and mtime_ns == key.mtime_ns and ctime_ns in (
+                        None, key.ctime_ns):
+                    known[key] = Delivery(
+                        delivered_at is not None, attempts, refusals,
+                        _shared(texts, last_error), delivered_at, _shared(texts, last_status),
+                        verified_at is not None, not_found, superseded,
+                        (verified_by or "c-find") if verified_at is not None else None,
+                        _shared(texts, verify_error))
+                else:  # an earlier version of the file
+                    known[key] = Delivery(superseded=superseded + (delivered_at is not None))
         for key in keys:
-            row = rows.get(key.path)
-            if (row and row[0] == key.size and row[1] == key.mtime_ns
-                    and row[9] in (None, key.ctime_ns)):
-                known[key] = Delivery(row[2] is not None, row[3], row[4], row[5], row[2],
-                                      row[6], row[7] is not None, row[8], row[10],
-                                      (row[11] or "c-find") if row[7] is not None else None,
-                                      row[12])
-            else:
-                known[key] = Delivery(superseded=(row[10] + (row[2] is not None)) if row else 0)
+            if key not in known:
+                known[key] = Delivery()
         return known
 
     def record(
@@ -239,6 +253,22 @@ class Journal:
             rows = self.db.execute("SELECT destination, COUNT(*) FROM delivery"
                                    " WHERE delivered_at IS NULL GROUP BY destination")
             return dict(rows.fetchall())
+
+    def paces(self) -> dict[str, float]:
+        """Per destination: the time between its answers when last measured."""
+        with self.lock:
+            rows = self.db.execute("SELECT name, seconds_per_file FROM destination"
+                                   " WHERE seconds_per_file IS NOT NULL")
+            return dict(rows.fetchall())
+
+    def remember_paces(self, paces: dict[str, float]) -> None:
+        with self.lock, self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            for name, seconds in paces.items():
+                self.db.execute("INSERT INTO destination (name, seconds_per_file) VALUES (?, ?)"
+                                " ON CONFLICT (name) DO UPDATE SET"
+                                " seconds_per_file = excluded.seconds_per_file",
+                                (name, seconds))
 
     def destinations(self) -> dict[str, dict[str, float | str | None]]:
         """Per destination: when it last took a file, when it last failed, and why."""

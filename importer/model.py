@@ -14,7 +14,7 @@ from importer.logs import MASK
 from importer.share import Identity
 
 
-@dataclass
+@dataclass(slots=True)
 class SourceFile:
     path: str  # absolute; undecodable bytes kept as surrogate escapes
     rel: str
@@ -53,6 +53,11 @@ class Folder:
     sent: int = 0
     quarantined: int = 0
     started: float = field(default_factory=time.monotonic)
+
+    def forget_files(self) -> None:
+        """Once finished, a folder keeps only what the batch's report needs (what waits,
+        why, what was held): memory stays flat in the number of folders of a batch."""
+        self.files, self.ready, self.unsent, self.duplicates = [], [], [], {}
 
 
 def folder_hash(name: str) -> str:

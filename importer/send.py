@@ -27,11 +27,13 @@ from importer.model import Folder, SourceFile
 from importer.stamp import WORK_DIR_NAME
 from importer.verify import Verifier
 
-# Against a PACS that answers fast, one more storescu costs more than it gains below ~100
-# files; against one that stalls per file (Nagle: ~44 ms), parallel associations are the
-# lever, down to small groups. Which one it is shows in the answers of the first folder.
+# Against a PACS that answers fast, one more storescu (~10 ms of CPU to start) costs more
+# than it gains below ~200 files; against one that stalls per file (Nagle: ~44 ms), parallel
+# associations are the lever, down to small groups. Which one it is shows in its answers,
+# and is remembered in the journal for the next batch.
 MIN_FILES_PER_ASSOCIATION = 200
 MIN_FILES_PER_ASSOCIATION_SLOW = 10
+MIN_FILES_PER_ASSOCIATION_UNKNOWN = 100  # not measured yet: hedge between the two
 SLOW_SECONDS_PER_FILE = 0.01
 
 
@@ -48,7 +50,9 @@ class Sender:
         self.verify_pool = ThreadPoolExecutor(max_workers=len(settings.destinations),
                                               thread_name_prefix="findscu")
         self.futures: list[Future[None]] = []
-        self.pace: dict[str, float] = {}  # destination -> seconds between its answers
+        # destination -> seconds between its answers: as measured by an earlier batch, then
+        # by this one's answers
+        self.pace: dict[str, float] = journal.paces()
         self.pace_lock = threading.Lock()
 
     def __enter__(self) -> Sender:
@@ -60,6 +64,7 @@ class Sender:
                 error("sending stopped: %s", failure, exc_info=failure)
         self.pool.shutdown(wait=True)
         self.verify_pool.shutdown(wait=True)
+        self.journal.remember_paces(self.pace)
 
     def submit(self, folders: list[Folder]) -> list[Future[None]]:
         """Send the verified files of these folders: the files of many folders share
@@ -81,8 +86,7 @@ class Sender:
                     counted.update((f.path, folder.name) for f in todo_here)
             sends = []
             if todo:
-                slow = self.pace.get(destination.name, 0.0) > SLOW_SECONDS_PER_FILE
-                groups = _split(todo, destination, slow)
+                groups = _split(todo, destination, _smallest_group(self.pace.get(destination.name)))
                 what = (display(folders[0].name) if len(folders) == 1
                         else f"{len(folders)} folders")
                 event("PHASE 2", "%s: sending %d files to %s over %d association%s",
@@ -246,11 +250,20 @@ class _AnswerRecorder:
         self.last_flush = time.monotonic()
 
 
+def _smallest_group(seconds_per_file: float | None) -> int:
+    """The fewest files worth an association of their own, by the PACS's pace."""
+    if seconds_per_file is None:
+        return MIN_FILES_PER_ASSOCIATION_UNKNOWN
+    if seconds_per_file > SLOW_SECONDS_PER_FILE:
+        return MIN_FILES_PER_ASSOCIATION_SLOW
+    return MIN_FILES_PER_ASSOCIATION
+
+
 def _split(files: list[SourceFile], destination: Destination,
-           slow: bool) -> list[tuple[str, list[SourceFile]]]:
+           smallest: int) -> list[tuple[str, list[SourceFile]]]:
     """Associations to open: per transfer syntax (storescu proposes compressed syntaxes only
-    when told), each split over up to `associations` parallel associations."""
-    smallest = MIN_FILES_PER_ASSOCIATION_SLOW if slow else MIN_FILES_PER_ASSOCIATION
+    when told), each split over up to `associations` parallel associations of at least
+    `smallest` files."""
     by_syntax: dict[str, list[SourceFile]] = {}
     for source in files:
         by_syntax.setdefault(dcmtk.proposal_for(source.transfer_syntax), []).append(source)

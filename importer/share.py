@@ -31,7 +31,7 @@ from dataclasses import dataclass
 _WRITE_MODES = os.O_WRONLY | os.O_RDWR
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Identity:
     """What a file was when it was read; any write or replacement changes it."""
 

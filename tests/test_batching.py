@@ -4,6 +4,7 @@ call, yet every folder gets its own verdict, receipt and summary, in the same ru
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import pydicom
 
 from tests.conftest import Site
 from tests.dicomgen import make_ct, make_patient_folder
+from tests.receivers import StoreSCP
 from tests.refusing_scp import CANNOT_UNDERSTAND, RefusingSCP
 from tests.test_share import WRITER, pixel_offset
 from tests.test_watch import wait_for
@@ -74,3 +76,25 @@ def test_one_batch_many_folders_each_its_own_verdict(site: Site, tmp_path: Path)
     assert len(dumps) <= 2 * 2, "the folders' files are read and verified together"
     assert len(stores) <= 4, "the folders' files share associations"
     assert seconds < 30
+
+
+def test_a_pace_measured_in_one_batch_sizes_the_next_batch_s_associations(
+        site: Site, tmp_path: Path) -> None:
+    """Against a PACS that answers fast, one storescu per 200 files is cheapest; one that
+    stalls per file wants parallel associations from its first chunk. The first batch to a
+    PACS cannot know which it is; what its answers showed is kept in the journal, so the next
+    batch sizes its first chunk's associations by it."""
+    with StoreSCP(tmp_path / "rx") as pacs:
+        site.use(pacs)
+        make_patient_folder(site.import_dir, "#71-First^Batch", 30, rows=16)
+        assert site.run().returncode == 0
+        with sqlite3.connect(site.state_dir / "journal.sqlite3") as db:
+            (pace,), = db.execute("SELECT seconds_per_file FROM destination").fetchall()
+        assert 0 < pace < 0.01  # storescp with TCP_NODELAY: fast
+
+        make_patient_folder(site.import_dir, "#72-Next^Batch", 199, rows=16)
+        offset = len(site.log_records())
+        assert site.run().returncode == 0
+        stores = [r for r in site.log_records()[offset:] if r.get("tool") == "storescu"]
+        assert len(stores) == 1  # not measured, it would have gone over two associations
+        assert len(pacs.received()) == 229

@@ -55,7 +55,7 @@ def _value(element: re.Match[str]) -> str:
 _READ_ERROR = re.compile(r"^E: dcmdump: (?P<reason>.*?): reading file: (?P<path>.*)$")
 
 
-@dataclass
+@dataclass(slots=True)
 class Dump:
     """Top-level values of the tags asked for, or why the file could not be read."""
 
