@@ -93,6 +93,9 @@ class _DumpParser:
         self.dumps: dict[str, Dump] = {}
         self.current: Dump | None = None
         self.pending_errors: list[str] = []
+        # One object per distinct tag and per repeated value (a folder's files share their
+        # IDs, names, UIDs of study and class, transfer syntax): 20,000 dumps stay small.
+        self.shared: dict[str, str] = {}
 
     def __call__(self, line: str) -> None:
         if header := _HEADER.match(line):
@@ -106,9 +109,11 @@ class _DumpParser:
         elif (element := ELEMENT.match(line)) and self.current is not None:
             # +p prefixes nested occurrences with their sequence path, so only top-level
             # elements match here.
-            tag = element["tag"]
+            tag = self.shared.setdefault(element["tag"], element["tag"])
             if tag not in self.current.values:
-                self.current.values[tag] = _value(element)
+                value = _value(element)
+                self.current.values[tag] = (value if tag == SOP_INSTANCE_UID
+                                            else self.shared.setdefault(value, value))
                 if element["vr"] == "UN":
                     self.current.un_tags.add(tag)
 

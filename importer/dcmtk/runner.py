@@ -53,7 +53,7 @@ if _ShLogger is not None and hasattr(_ShLogger, "_format_msg"):
 
 # One argv must stay well below the kernel's limit (ARG_MAX includes the environment).
 _ARGV_BYTES = min(os.sysconf("SC_ARG_MAX") // 4, 512 * 1024)
-_ARGV_FILES = 2000
+_ARGV_FILES = 1000
 
 
 class DcmtkMissing(Exception):
