@@ -9,6 +9,7 @@ destinations that have not acknowledged it, and counts refusals toward quarantin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -133,7 +134,15 @@ class Journal:
         self.lock = threading.Lock()  # one connection, shared by the sender threads
 
     def close(self) -> None:
-        self.db.close()
+        """Rows leave once their file is archived: a large batch leaves mostly free pages,
+        which are given back (a 50,000-file batch had left a 15 MB file holding no row)."""
+        with self.lock:
+            free, = self.db.execute("PRAGMA freelist_count").fetchone()
+            total, = self.db.execute("PRAGMA page_count").fetchone()
+            if free > 256 and free * 2 > total:
+                with contextlib.suppress(sqlite3.OperationalError):  # busy: next time
+                    self.db.execute("VACUUM")
+            self.db.close()
 
     def lookup(self, keys: Iterable[FileKey], destination: str) -> dict[FileKey, Delivery]:
         """What the journal knows of these files at one destination (stale rows ignored)."""
