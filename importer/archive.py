@@ -250,17 +250,17 @@ def _write_json_to(fh: TextIO, content: dict[str, Any], *, ensure_ascii: bool = 
     """JSON written as it goes, each piece by the C encoder (json's indent= and json.dump use
     its pure-Python one): for a 20,000-file folder no 20 MB string and no list of a million
     fragments, and a receipt a person can read line by line."""
+    encode = json.JSONEncoder(ensure_ascii=ensure_ascii).encode  # one, not one per item
     fh.write("{")
     for index, (key, value) in enumerate(content.items()):
-        fh.write(("," if index else "") + "\n " + json.dumps(key) + ": ")
+        fh.write(("," if index else "") + "\n " + encode(key) + ": ")
         if key in _ONE_PER_LINE and isinstance(value, list | Iterator):
             fh.write("[")
             for number, item in enumerate(value):
-                fh.write(("," if number else "") + "\n  "
-                         + json.dumps(item, ensure_ascii=ensure_ascii))
+                fh.write(("," if number else "") + "\n  " + encode(item))
             fh.write("\n ]")
         elif isinstance(value, dict) and key == "receipt":
             _write_json_to(fh, value, ensure_ascii=ensure_ascii)
         else:
-            fh.write(json.dumps(value, ensure_ascii=ensure_ascii))
+            fh.write(encode(value))
     fh.write("\n}")

@@ -31,9 +31,18 @@ class SourceFile:
     def mtime_ns(self) -> int:
         return self.ident.mtime_ns
 
+    _key: FileKey | None = field(default=None, repr=False, compare=False)
+
     @property
     def key(self) -> FileKey:
-        return FileKey(self.path, self.ident.size, self.ident.mtime_ns, self.ident.ctime_ns)
+        """The journal's key of this version of the file (made once per version: looked up
+        several times per file and destination)."""
+        key = self._key
+        ident = self.ident
+        if (key is None or key.size != ident.size or key.mtime_ns != ident.mtime_ns
+                or key.ctime_ns != ident.ctime_ns):
+            key = self._key = FileKey(self.path, ident.size, ident.mtime_ns, ident.ctime_ns)
+        return key
 
 
 @dataclass

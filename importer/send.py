@@ -269,8 +269,7 @@ def _split(files: list[SourceFile], destination: Destination,
         by_syntax.setdefault(dcmtk.proposal_for(source.transfer_syntax), []).append(source)
     groups = []
     for syntax, same in by_syntax.items():
-        count = max(1, min(destination.associations,
-                           math.ceil(len(same) / smallest)))
+        count = max(1, min(destination.associations, len(same) // smallest))
         size = math.ceil(len(same) / count)
         groups += [(syntax, same[i:i + size]) for i in range(0, len(same), size)]
     return groups
