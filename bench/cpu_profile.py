@@ -125,10 +125,14 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--frames", type=int,
                    help="instead: one multi-frame file (2000 frames of 512 x 512: 1 GB)")
-    p.add_argument("--py-spy", type=Path)
+    p.add_argument("--py-spy", type=Path,
+                   help="also sample one run's Python (GIL holders) into this file, in py-spy's"
+                        " raw format (needs `.venv/bin/pip install py-spy`)")
     p.add_argument("--workdir", default="/tmp",
                    help="where the corpus and runs live (e.g. /dev/shm: no disk noise)")
     args = p.parse_args()
+    if args.py_spy and not (Path(sys.executable).parent / "py-spy").exists():
+        p.error("--py-spy needs py-spy in this environment: .venv/bin/pip install py-spy")
     tmp = Path(tempfile.mkdtemp(prefix="importer-profile-", dir=args.workdir))
     try:
         corpus = tmp / "corpus"
