@@ -9,7 +9,6 @@ destinations that have not acknowledged it, and counts refusals toward quarantin
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sqlite3
 import threading
@@ -17,6 +16,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from importer.share import Identity
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS delivery (
@@ -97,6 +98,11 @@ class FileKey:
     mtime_ns: int
     ctime_ns: int
 
+    @classmethod
+    def of(cls, path: str, ident: Identity) -> FileKey:
+        """The key of the version of path that ident describes."""
+        return cls(path, ident.size, ident.mtime_ns, ident.ctime_ns)
+
 
 @dataclass(slots=True)
 class Delivery:
@@ -117,14 +123,29 @@ def _shared(texts: dict[str, str], text: str | None) -> str | None:
     return None if text is None else texts.setdefault(text, text)
 
 
+def _use_wal(db: sqlite3.Connection, wait: float = 30.0) -> None:
+    """PRAGMA journal_mode=WAL (a no-op once the file is in WAL mode) can answer "database
+    is locked" at once, without the busy timeout, while another importer's connection
+    holds the file: asked again until it can, as other statements wait for their lock."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class Journal:
     def __init__(self, state_dir: Path) -> None:
         self.db = sqlite3.connect(state_dir / "journal.sqlite3", timeout=30,
                                   check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        _use_wal(self.db)
         self.db.execute("PRAGMA synchronous=NORMAL")
-        # Rows live only while their file is in the import dir; without a limit the WAL
-        # keeps the size of the largest batch ever (15 MB after 50,000 files).
+        # After a checkpoint the WAL file is cut back to 1 MB; otherwise, while any
+        # connection keeps it open, it stays at the largest size it ever reached.
         self.db.execute("PRAGMA journal_size_limit=1048576")
         self.db.executescript(_SCHEMA)
         for table, column, definition in _MIGRATIONS:
@@ -134,15 +155,7 @@ class Journal:
         self.lock = threading.Lock()  # one connection, shared by the sender threads
 
     def close(self) -> None:
-        """Rows leave once their file is archived: a large batch leaves mostly free pages,
-        which are given back (a 50,000-file batch had left a 15 MB file holding no row)."""
-        with self.lock:
-            free, = self.db.execute("PRAGMA freelist_count").fetchone()
-            total, = self.db.execute("PRAGMA page_count").fetchone()
-            if free > 256 and free * 2 > total:
-                with contextlib.suppress(sqlite3.OperationalError):  # busy: next time
-                    self.db.execute("VACUUM")
-            self.db.close()
+        self.db.close()
 
     def lookup(self, keys: Iterable[FileKey], destination: str) -> dict[FileKey, Delivery]:
         """What the journal knows of these files at one destination (stale rows ignored)."""

@@ -22,6 +22,7 @@ class SourceFile:
     transfer_syntax: str = ""  # from the first full read; stamping keeps it
     sop_uid: str = ""  # for C-FIND verification and the receipt
     study_uid: str = ""
+    _key: FileKey | None = field(default=None, repr=False, compare=False)  # see key
 
     @property
     def size(self) -> int:
@@ -31,8 +32,6 @@ class SourceFile:
     def mtime_ns(self) -> int:
         return self.ident.mtime_ns
 
-    _key: FileKey | None = field(default=None, repr=False, compare=False)
-
     @property
     def key(self) -> FileKey:
         """The journal's key of this version of the file (made once per version: looked up
@@ -41,7 +40,7 @@ class SourceFile:
         ident = self.ident
         if (key is None or key.size != ident.size or key.mtime_ns != ident.mtime_ns
                 or key.ctime_ns != ident.ctime_ns):
-            key = self._key = FileKey(self.path, ident.size, ident.mtime_ns, ident.ctime_ns)
+            key = self._key = FileKey.of(self.path, ident)
         return key
 
 

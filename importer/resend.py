@@ -81,7 +81,7 @@ def _tell_journal(settings: Settings, audit: FolderAudit, copies: dict[str, Path
                     continue
                 ident = identity(str(copy))
                 if ident is not None:
-                    held.append(FileKey(str(copy), ident.size, ident.mtime_ns, ident.ctime_ns))
+                    held.append(FileKey.of(str(copy), ident))
             journal.record(dest_name, [(k, True, 0, "still held (C-FIND before resend)")
                                        for k in held])
             journal.mark_verified(dest_name, held)
