@@ -46,6 +46,7 @@ RECEIVERS = {
 FOLDER_RE = re.compile(r"^#([0-9]+)-([#^A-Za-z0-9]+)$")  # as in legacy-pipeline.sh
 KEEP = False  # --keep: leave every run's directories for inspection
 VERIFY = "auto"  # --verify: PACS_VERIFY for the importer
+RECONCILE_OFF = "importer-reconcile-off"  # --reconcile-cost: the importer with RECONCILE=off
 RSS_NOTE = (
     "importer RSS = peak VmHWM of the importer's Python process, sampled every 20 ms; "
     "tree RSS = ru_maxrss from wait4 (max over it and its DCMTK children)"
@@ -219,7 +220,8 @@ def read_hwm_kb(pid: int) -> int | None:
     return None
 
 
-def run_importer(imp: Path, archive: Path, t: Target, work: Path) -> Run:
+def run_importer(imp: Path, archive: Path, t: Target, work: Path,
+                 reconcile: str = "hold") -> Run:
     """``importer run-once`` from this venv with the old scripts' variables; exit 0 required."""
     if not IMPORTER.exists():
         return Run("", "importer", 0.0, False, f"{IMPORTER} not found (pip install -e .)")
@@ -234,6 +236,7 @@ def run_importer(imp: Path, archive: Path, t: Target, work: Path) -> Run:
         PACS_SERVER_PORT=str(t.port),
         PACS_AET=t.aet,
         PACS_VERIFY=VERIFY,
+        RECONCILE=reconcile,
         SETTLE_SECONDS="0",  # the corpus was written a moment ago; leases are still checked
         **dirs,
     )
@@ -274,6 +277,7 @@ PIPELINES: dict[str, Callable[[Path, Path, Target, Path], Run]] = {
     "legacy": run_legacy,
     "floor": run_floor,
     "importer": run_importer,
+    RECONCILE_OFF: lambda imp, archive, t, work: run_importer(imp, archive, t, work, "off"),
 }
 
 
@@ -306,7 +310,7 @@ def one_run(receiver: str, method: str, corpus: Path, n: int, tmp: Path, t: Targ
     cpu_before = children_cpu()
     run = PIPELINES[method](imp, archive, t, work)
     run.cpu_s = round(children_cpu() - cpu_before, 3)
-    run.receiver = receiver
+    run.receiver, run.method = receiver, method
     got, archived, left = t.count() - before, count_files(archive), count_files(imp)
     checks = f"receiver got {got}/{n}, archived {archived}/{n}, left in import {left}"
     if (got, archived, left) != (n, n, 0):
@@ -464,11 +468,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep all run directories (debugging)")
     p.add_argument("--verify", choices=["auto", "none"], default="auto",
                    help="the importer's C-FIND verification (PACS_VERIFY), to measure its cost")
+    p.add_argument("--reconcile-cost", action="store_true",
+                   help="also run the importer with RECONCILE=off, paired, to measure what"
+                        " asking each PACS about every patient ID costs")
     args = p.parse_args(argv)
     global KEEP, VERIFY
     KEEP = args.keep
     VERIFY = args.verify
     methods = [m for m in METHODS if m in (args.methods or ",".join(METHODS)).split(",")]
+    if args.reconcile_cost:
+        methods.append(RECONCILE_OFF)
     receivers = ["storescp", "orthanc"] if args.receiver == "both" else [args.receiver]
     if "legacy" in methods and not LEGACY.is_file():
         if args.methods:
@@ -512,6 +521,12 @@ def bench_corpus(args: argparse.Namespace, methods: list[str], receivers: list[s
             runs += bench_receiver(rc, methods, corpus, n, tmp, args.repeat)
         summary = summarize(runs, receivers)
         print_table(summary, runs, n)
+        for rc in receivers:
+            on, off = median(runs, rc, "importer"), median(runs, rc, RECONCILE_OFF)
+            if on and off:
+                print(f"  {rc}: importer {on:.2f} s (RECONCILE=hold), {off:.2f} s"
+                      f" (RECONCILE=off): reconciliation costs {100 * (on / off - 1):+.1f} %")
+                summary[rc]["importer_reconcile_off_s"] = off
         if args.json:
             args.json.write_text(
                 json.dumps(

@@ -192,7 +192,8 @@ def status(verbose: bool, as_json: bool, **flags: Any) -> None:
     click.echo(f"Not matching the folder pattern (left untouched): {len(report['unmatched'])}")
     for name in report["unmatched"]:
         click.echo(f"  {name}")
-    click.echo(f"Held (may hold two patients; sort out by hand): {len(report['held'])}")
+    click.echo(f"Held (identity conflict or two patients; fix the folder, or importer"
+               f" release FOLDER): {len(report['held'])}")
     for item in report["held"]:
         click.echo(f"  {item['folder']}: {item['reason']}")
     click.echo(f"Quarantined files: {len(report['quarantined'])}")
@@ -328,6 +329,31 @@ def resend(verbose: bool, folder: str, **flags: Any) -> None:
 
     with logs.batch_log(settings.log_dir):
         sys.exit(resend_missing(settings, folder))
+
+
+@main.command()
+@_common_options
+@click.argument("folder")
+@click.option("--reason", default="", metavar="TEXT",
+              help="Why it is right to go on (kept in the journal and the receipt).")
+@_user_errors
+def release(verbose: bool, folder: str, reason: str, **flags: Any) -> None:
+    """Let a held folder (FOLDER: its name in the import dir, or its path) go on at its
+    next run as it is now: identity conflict or two patients accepted by a person.
+
+    The release is recorded with when, who, why and what was accepted; it lapses when a
+    file of the folder is added or changed. A folder renamed to the right ID needs none.
+    """
+    settings = _settings(flags)
+    logs.setup(settings.log_dir, verbose=verbose)
+    from importer.release import ReleaseError
+    from importer.release import release as release_folder
+
+    try:
+        name, accepted = release_folder(settings, folder, reason)
+    except ReleaseError as exc:
+        raise ConfigError(str(exc)) from None
+    click.echo(f"released {name}: it goes on at its next run (accepted: {accepted})")
 
 
 @main.command()

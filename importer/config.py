@@ -60,6 +60,8 @@ class Settings:
         default_factory=lambda: compile_pattern(DEFAULT_PATTERN))
     delay: int = 180
     mixed_patients: str = "hold"
+    reconcile: str = "hold"  # a folder whose identity conflicts with the site's: hold, warn
+    reconcile_worklist: Destination | None = None  # a Modality Worklist SCP to ask as well
     max_attempts: int = 3  # refusals by a PACS before a file is quarantined
     verify_attempts: int = 3  # C-FIND queries before "acknowledged but not found"
     verify_delay: int = 2  # seconds between them (some PACS index asynchronously)
@@ -96,6 +98,8 @@ _SCALARS: dict[str, tuple[str, Any]] = {
     "acse_timeout": ("ACSE_TIMEOUT", 30),
     "dimse_timeout": ("DIMSE_TIMEOUT", 120),
     "mixed_patients": ("MIXED_PATIENTS", "hold"),
+    "reconcile": ("RECONCILE", "hold"),
+    "reconcile_worklist": ("RECONCILE_WORKLIST", ""),
     "max_attempts": ("MAX_ATTEMPTS", 3),
     "verify_attempts": ("VERIFY_ATTEMPTS", 3),
     "verify_delay": ("VERIFY_DELAY", 2),
@@ -172,6 +176,8 @@ def load_settings(
         folder_pattern=get("folder_pattern", _pattern),
         delay=get("delay", _int_range(0, 7 * 86400)),
         mixed_patients=get("mixed_patients", _choice("hold", "warn", "allow")),
+        reconcile=get("reconcile", _choice("hold", "warn", "required", "off")),
+        reconcile_worklist=_worklist(*raw("reconcile_worklist"), common),
         max_attempts=get("max_attempts", _int_range(1, 100)),
         verify_attempts=get("verify_attempts", _int_range(1, 20)),
         verify_delay=get("verify_delay", _int_range(0, 600)),
@@ -271,6 +277,23 @@ def _destinations(
     if not any(d.required for d in result):
         raise ConfigError("destinations: at least one destination must be required")
     return tuple(result)
+
+
+def _worklist(value: Any, source: str, common: Mapping[str, Any]) -> Destination | None:
+    """RECONCILE_WORKLIST=AET@HOST:PORT: a Modality Worklist SCP asked for demographics."""
+    text = str(value or "").strip()
+    if not text:
+        return None
+    match = re.fullmatch(r"(?P<aet>[^@]+)@(?P<host>[^:]+):(?P<port>\d+)", text)
+    if not match:
+        raise ConfigError(f"{source}: {text!r} is not AET@HOST:PORT")
+    return Destination(
+        name="worklist", host=_host(match["host"], source),
+        port=_int_range(1, 65535, "a port number")(match["port"], source),
+        called_aet=_ae_title(match["aet"], source), calling_aet=common["calling_aet"],
+        required=False, connect_timeout=common["connect_timeout"],
+        acse_timeout=common["acse_timeout"], dimse_timeout=common["dimse_timeout"],
+        verify="none")
 
 
 def _parse_pacs_flag(value: str) -> dict[str, str]:

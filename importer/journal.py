@@ -9,6 +9,7 @@ destinations that have not acknowledged it, and counts refusals toward quarantin
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -16,6 +17,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from importer.share import Identity
 
@@ -47,6 +49,14 @@ CREATE TABLE IF NOT EXISTS destination (
     last_error       TEXT,
     failing_since    REAL,           -- first failure since its last success
     seconds_per_file REAL            -- time between its answers, as last measured
+);
+CREATE TABLE IF NOT EXISTS release (
+    folder      BLOB PRIMARY KEY,    -- a held folder a person let go on (importer release)
+    released_at REAL NOT NULL,
+    released_by TEXT,
+    reason      TEXT,
+    accepted    TEXT NOT NULL,       -- the hold it accepted, as it was shown
+    versions    TEXT NOT NULL        -- JSON [[rel, size, mtime_ns], ...]: the files it covers
 );
 """
 
@@ -294,6 +304,51 @@ class Journal:
                                 " ON CONFLICT (name) DO UPDATE SET"
                                 " seconds_per_file = excluded.seconds_per_file",
                                 (name, seconds))
+
+    def record_release(self, folder: str, accepted: str, reason: str, by: str,
+                       versions: Iterable[tuple[str, int, int]]) -> None:
+        with self.lock, self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute(
+                "INSERT OR REPLACE INTO release (folder, released_at, released_by, reason,"
+                " accepted, versions) VALUES (?, ?, ?, ?, ?, ?)",
+                (os.fsencode(folder), time.time(), by, reason, accepted,
+                 json.dumps(sorted(versions))))
+
+    def release_of(self, folder: str) -> dict[str, Any] | None:
+        """The release recorded for this folder: when, by whom, why, what it accepted, and
+        the file versions (rel, size, mtime_ns) it covers."""
+        with self.lock:
+            row = self.db.execute("SELECT released_at, released_by, reason, accepted, versions"
+                                  " FROM release WHERE folder = ?",
+                                  (os.fsencode(folder),)).fetchone()
+        if row is None:
+            return None
+        at, by, reason, accepted, versions = row
+        return {"released_at": at, "released_by": by, "reason": reason, "accepted": accepted,
+                "versions": {tuple(v) for v in json.loads(versions)}}
+
+    def extend_release(self, folder: str, versions: Iterable[tuple[str, int, int]]) -> None:
+        """The versions the importer itself made of released files (stamped) stay covered."""
+        with self.lock, self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            row = self.db.execute("SELECT versions FROM release WHERE folder = ?",
+                                  (os.fsencode(folder),)).fetchone()
+            if row is not None:
+                known = {tuple(v) for v in json.loads(row[0])} | set(versions)
+                self.db.execute("UPDATE release SET versions = ? WHERE folder = ?",
+                                (json.dumps(sorted(known)),
+                                 os.fsencode(folder)))
+
+    def drop_release(self, folder: str) -> None:
+        with self.lock, self.db:
+            self.db.execute("DELETE FROM release WHERE folder = ?", (os.fsencode(folder),))
+
+    def released(self) -> set[str]:
+        """The folders a release is recorded for."""
+        with self.lock:
+            return {os.fsdecode(row[0])
+                    for row in self.db.execute("SELECT folder FROM release")}
 
     def destinations(self) -> dict[str, dict[str, float | str | None]]:
         """Per destination: when it last took a file, when it last failed, and why."""

@@ -6,6 +6,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from importer.config import Settings
 from importer.folders import Patient
@@ -58,6 +59,8 @@ class Folder:
     writing: dict[str, str] = field(default_factory=dict)  # path -> why it is not settled yet
     duplicates: dict[str, str] = field(default_factory=dict)  # path -> same UID as which file
     held: str | None = None
+    reconciliation: dict[str, Any] | None = None  # what the site knows (reconcile.py)
+    released: dict[str, Any] | None = None  # a person's release of a hold (release.py)
     sent: int = 0
     quarantined: int = 0
     started: float = field(default_factory=time.monotonic)

@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from importer import dcmtk, logs, progress
-from importer.config import Settings
+from importer.config import Destination, Settings
 from importer.finish import finish, note_writing, recover, recover_elsewhere
 from importer.folders import display
 from importer.journal import Journal
 from importer.logs import event, warn
-from importer.model import Folder, folder_hash, identity_label
+from importer.model import Folder, identity_label
+from importer.reconcile import Reconciler, reconcile
+from importer.release import apply_release, held_note, keep_covered
 from importer.send import Sender
 from importer.share import SettleCheck
 from importer.snapshot import (
@@ -100,11 +102,19 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
         magic = dcmtk.dicom_magic(all_files)  # one call for the batch: cheap
         del all_files
         if settings.dry_run:
-            for chunk in _chunks(folders):
-                dumps = read_originals(chunk, magic)
-                for folder in chunk:
-                    classify(folder, dumps, settings)
-                    _describe(folder, settings)
+            reconciler = _reconciler(settings, folders)
+            try:
+                for chunk in _chunks(folders):
+                    dumps = read_originals(chunk, magic)
+                    for folder in chunk:
+                        classify(folder, dumps, settings)
+                    if reconciler is not None:
+                        reconcile(chunk, dumps, settings, reconciler)
+                    for folder in chunk:
+                        _describe(folder, settings)
+            finally:
+                if reconciler is not None:
+                    reconciler.close()
             for folder in folders:
                 note_writing(folder, settings, noted_writing)
             return report
@@ -129,9 +139,11 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
                     still.append((chunk, work))
             return still
 
+        reconciler: Reconciler | None = None
         try:
             under_way: list[tuple[list[Folder], list[Future[None]]]] = []
             with Sender(settings, journal) as sender:
+                reconciler = _reconciler(settings, folders, sender.verifier.note_refused)
                 for chunk in _chunks(folders):
                     # Many folders' files per tool call (a tool's start costs more than a
                     # small folder's files), a chunk at a time (memory stays flat in the
@@ -141,12 +153,17 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
                         dumps = read_originals(chunk, magic)
                         for folder in chunk:
                             classify(folder, dumps, settings)
+                        if reconciler is not None:  # is it the right patient?
+                            reconcile(chunk, dumps, settings, reconciler)
+                        for folder in chunk:
+                            apply_release(folder, journal)
                             _remember_held(settings, folder)
                         stamp([f for f in chunk if not f.held], dumps, settings)
                     except dcmtk.Stopped:
                         break  # shutting down: archive what was delivered, leave the rest
                     del dumps
                     for folder in chunk:
+                        keep_covered(folder, journal)
                         folder.ready = unchanged(folder, folder.ready, "after it was stamped")
                         check_duplicate_uids(folder, settings)
                     under_way = finish_done([*under_way, (chunk, sender.submit(chunk))])
@@ -155,9 +172,26 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
                 if id(folder) not in finished:
                     finish(folder, settings, journal, sender.verifier, batch_stamp)
                     note_writing(folder, settings, noted_writing)
+            for folder in folders:
+                if folder.released is not None and not folder.path.exists():
+                    journal.drop_release(folder.name)  # all of it archived
         finally:
+            if reconciler is not None:
+                reconciler.close()
             journal.close()
     return report
+
+
+def _reconciler(settings: Settings, folders: list[Folder],
+                on_refused: Callable[[Destination, str, str], None] | None = None
+                ) -> Reconciler | None:
+    """Ask what the site knows of every folder's patient ID, from the start of the batch:
+    the answers arrive while the first chunks are read (RECONCILE=off: not at all)."""
+    if settings.reconcile == "off":
+        return None
+    reconciler = Reconciler(settings, on_refused)
+    reconciler.ask(folder.patient.id for folder in folders if folder.files)
+    return reconciler
 
 
 # Folders are read, stamped, verified and sent a chunk at a time: up to this many files.
@@ -183,7 +217,7 @@ def _chunks(folders: list[Folder]) -> Iterator[list[Folder]]:
 
 def _remember_held(settings: Settings, folder: Folder) -> None:
     """Held folders are listed by `importer status` until a person sorts them out."""
-    note = settings.state_dir / "held" / f"{folder_hash(folder.name)}.txt"
+    note = held_note(settings, folder.name)
     if folder.held:
         note.parent.mkdir(parents=True, exist_ok=True)
         note.write_text(f"{folder.name}\n{folder.held}\n", encoding="utf-8",

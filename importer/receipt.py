@@ -43,6 +43,10 @@ def build_receipt(target_root: Path, folder: Folder, archived: list[tuple[Source
         "files": [],
         "written_at": _iso(time.time()),
     }
+    if folder.reconciliation is not None:  # is it the right patient: what each source said
+        receipt["identity_check"] = folder.reconciliation
+    if folder.released is not None:  # a person accepted a hold
+        receipt["release"] = folder.released
     path = receipt_path(target_root)
     if path.exists():  # a second run archived more of this folder into the same batch
         receipt["files"] = json.loads(path.read_text(encoding="utf-8")).get("files", [])
@@ -109,6 +113,17 @@ def render(path: Path) -> str:
              f"Folder {receipt['folder']}: PatientID {receipt['patient']['id']},"
              f" PatientName {receipt['patient']['name']}"]
     names = [d["name"] for d in receipt["destinations"]]
+    check = receipt.get("identity_check")
+    if check:
+        lines.append(f"Identity check (RECONCILE={check['policy']}):")
+        lines += [f"  {source}: {verdict}" for source, verdict in check["sources"].items()]
+        lines += [f"  original identity in {o['files']} files: PatientID {o['patient_id']!r},"
+                  f" PatientName {o['patient_name']!r}, born {o['birth_date'] or '?'},"
+                  f" sex {o['sex'] or '?'}" for o in check["original_identities"]]
+    if release := receipt.get("release"):
+        lines.append(f"Released by {release['by']} at {release['released_at']}"
+                     f"{' (' + release['reason'] + ')' if release.get('reason') else ''};"
+                     f" accepted: {release['accepted']}")
     for d in receipt["destinations"]:
         lines.append(f"  {d['name']}: {d['destination']}"
                      f"{'' if d['required'] else ' (optional)'}, verification {d['verification']}")

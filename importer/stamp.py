@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import importlib.metadata
 import os
 import shutil
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,22 +37,65 @@ UTF8_CHARSETS = ("", "ISO_IR 6", "ISO_IR 192")
 RELABEL_CHARSETS = {"ISO_IR 149": "\\ISO 2022 IR 149", "ISO 2022 IR 149": "\\ISO 2022 IR 149"}
 
 
-def stamp(folders: list[Folder], dumps: dict[str, dcmtk.Dump], settings: Settings) -> None:
-    """Give every file of these folders its folder's identity; the files that carry it
-    become ready.
+# The read-back of a stamped file: its identity, and the provenance item it gained.
+CHECKED_TAGS = (dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME, dcmtk.CHARSET, dcmtk.ORIGINAL_ATTRIBUTES)
 
-    One dcmodify per folder (per identity: it cannot be fewer), run in parallel on the
-    cores, then one batched dcmdump reads every stamped file of every folder back.
+
+def stamp(folders: list[Folder], dumps: dict[str, dcmtk.Dump], settings: Settings) -> None:
+    """Give every file of these folders its folder's identity, keeping the original one in
+    an Original Attributes Sequence item; the files that carry it become ready.
+
+    One dcmodify per folder and original identity (it cannot be fewer), run in parallel on
+    the cores, then one batched dcmdump reads every stamped file of every folder back.
     """
+    when = time.strftime("%Y%m%d%H%M%S%z")
     in_place: list[tuple[Folder, list[SourceFile], bool]] = []
     for folder in folders:
         files, via_copy, utf8 = _sort(folder, dumps, settings)
         if via_copy:
-            _stamp_copies(folder, via_copy, dumps, settings, utf8)
+            _stamp_copies(folder, via_copy, dumps, settings, utf8, when)
         if files:
             in_place.append((folder, files, utf8))
     if in_place:
-        _stamp_in_place(in_place, settings)
+        _stamp_in_place(in_place, dumps, settings, when)
+
+
+def _provenance(values: dict[str, str], patient: Patient,
+                when: str) -> tuple[tuple[str, ...], int]:
+    """The dcmodify arguments that keep what the stamp changes of this file (its original
+    PatientID and PatientName, only those that differ), and the item count the file's
+    Original Attributes Sequence must have afterwards (0: nothing to keep)."""
+    originals = [(tag, values.get(tag) or "") for tag, new in
+                 ((dcmtk.PATIENT_ID, patient.id), (dcmtk.PATIENT_NAME, patient.name))
+                 if values.get(tag) != new]
+    if not originals:
+        return (), 0
+    items = int(values.get(dcmtk.ORIGINAL_ATTRIBUTES) or 0)
+    return tuple(dcmtk.original_attributes_args(items, originals, when, modifying_system())), \
+        items + 1
+
+
+@functools.cache
+def modifying_system() -> str:
+    """Modifying System (0400,0563): this program and its version."""
+    try:
+        return f"dicom-importer {importlib.metadata.version('dicom-importer')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "dicom-importer"
+
+
+def _by_provenance(files: Iterable[tuple[str, dict[str, str]]], patient: Patient,
+                   when: str) -> tuple[dict[tuple[str, ...], list[str]], dict[str, int]]:
+    """Files (path, original values) grouped by the provenance their stamp adds (files with
+    the same original identity share one dcmodify), and path -> the item count expected."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    expected: dict[str, int] = {}
+    for path, values in files:
+        args, items = _provenance(values, patient, when)
+        groups.setdefault(args, []).append(path)
+        if items:
+            expected[path] = items
+    return groups, expected
 
 
 def _sort(folder: Folder, dumps: dict[str, dcmtk.Dump],
@@ -76,7 +122,7 @@ def _sort(folder: Folder, dumps: dict[str, dcmtk.Dump],
 
 
 def _stamp_in_place(work: list[tuple[Folder, list[SourceFile], bool]],
-                    settings: Settings) -> None:
+                    dumps: dict[str, dcmtk.Dump], settings: Settings, when: str) -> None:
     """dcmodify with backups (the original becomes <file>.bak before the new file is
     written), verified; a file that fails gets its original back.
 
@@ -86,16 +132,26 @@ def _stamp_in_place(work: list[tuple[Folder, list[SourceFile], bool]],
     for folder, files, _utf8 in work:
         _write_intent(_intent_path(settings, folder.name), [f.path for f in files])
     try:
+        jobs: list[tuple[int, list[str], Patient, bool, tuple[str, ...]]] = []
+        expected: dict[str, int] = {}
+        for index, (folder, files, utf8) in enumerate(work):
+            groups, items = _by_provenance(((f.path, dumps[f.path].values) for f in files),
+                                           folder.patient, when)
+            expected |= items
+            jobs += [(index, paths, folder.patient, utf8, args) for args, paths in groups.items()]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
             runs = list(pool.map(
-                lambda job: dcmtk.stamp_identity([f.path for f in job[1]], job[0].patient,
-                                                 utf8=job[2], backup=True), work))
+                lambda job: dcmtk.stamp_identity(job[1], job[2], utf8=job[3], backup=True,
+                                                 provenance=job[4]), jobs))
+        runs_of: dict[int, list[dcmtk.ToolRun]] = {}
+        for job, job_runs in zip(jobs, runs, strict=True):
+            runs_of.setdefault(job[0], []).extend(job_runs)
         checked = dcmtk.dump_tags([f.path for _folder, files, _u in work for f in files],
-                                  (dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME, dcmtk.CHARSET))
-        for (folder, files, utf8), folder_runs in zip(work, runs, strict=True):
+                                  CHECKED_TAGS)
+        for index, (folder, files, utf8) in enumerate(work):
             by_path = {f.path: f for f in files}
-            for path, problem in _problems(folder, by_path, checked, folder_runs,
-                                           utf8).items():
+            for path, problem in _problems(folder, by_path, checked, runs_of.get(index, []),
+                                           utf8, expected).items():
                 _settle_in_place(folder, by_path[path], problem)
     finally:
         for folder, _files, _utf8 in work:
@@ -123,15 +179,25 @@ def _settle_in_place(folder: Folder, source: SourceFile, problem: str | None) ->
 
 
 def _stamp_copies(folder: Folder, files: list[SourceFile], dumps: dict[str, dcmtk.Dump],
-                  settings: Settings, utf8: bool) -> None:
-    """Stamp working copies (dcmodify -nb), verify them, then swap each in atomically."""
+                  settings: Settings, utf8: bool, when: str) -> None:
+    """Stamp working copies (dcmodify -nb), verify them, then swap each in atomically.
+
+    The originals kept in the provenance are read from the copies: after a conversion to
+    UTF-8 (or from UN to real VRs) they must be in the encoding the file now declares."""
     work = settings.import_dir / WORK_DIR_NAME / folder_hash(folder.name)
     shutil.rmtree(work, ignore_errors=True)  # leftovers of a crashed run: copies only
     work.mkdir(parents=True)
     try:
         copies = _stage_copies(folder, files, dumps, work, utf8)
-        runs = dcmtk.stamp_identity(list(copies), folder.patient, utf8=utf8, backup=False)
-        for copy, problem in _verify(folder, copies, runs, utf8).items():
+        staged = dcmtk.dump_tags(list(copies), CHECKED_TAGS)
+        groups, expected = _by_provenance(
+            ((copy, (staged[copy] if not staged[copy].error
+                     else dumps[source.path]).values) for copy, source in copies.items()),
+            folder.patient, when)
+        runs = [run for args, paths in groups.items()
+                for run in dcmtk.stamp_identity(paths, folder.patient, utf8=utf8,
+                                                backup=False, provenance=args)]
+        for copy, problem in _verify(folder, copies, runs, utf8, expected).items():
             source = copies[copy]
             if problem:
                 folder.to_quarantine[source.path] = problem
@@ -152,21 +218,27 @@ def _stamp_copies(folder: Folder, files: list[SourceFile], dumps: dict[str, dcmt
 
 
 def _verify(folder: Folder, stamped: Iterable[str], runs: list[dcmtk.ToolRun],
-            utf8: bool) -> dict[str, str | None]:
+            utf8: bool, expected: dict[str, int]) -> dict[str, str | None]:
     """Read every stamped file back (exit codes and messages cannot be trusted, see
     DESIGN.md). Returns path -> problem (None: the file carries the identity)."""
     stamped = list(stamped)
-    checked = dcmtk.dump_tags(stamped, (dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME, dcmtk.CHARSET))
-    return _problems(folder, stamped, checked, runs, utf8)
+    checked = dcmtk.dump_tags(stamped, CHECKED_TAGS)
+    return _problems(folder, stamped, checked, runs, utf8, expected)
 
 
 def _problems(folder: Folder, stamped: Iterable[str], checked: dict[str, dcmtk.Dump],
-              runs: list[dcmtk.ToolRun], utf8: bool) -> dict[str, str | None]:
-    """path -> why the stamped file does not carry the folder's identity (None: it does)."""
+              runs: list[dcmtk.ToolRun], utf8: bool,
+              expected: dict[str, int]) -> dict[str, str | None]:
+    """path -> why the stamped file does not carry the folder's identity, or lacks the
+    provenance item it was given (None: all is there)."""
     messages = [line for run in runs for line in run.lines if line.startswith("E: ")]
     problems: dict[str, str | None] = {}
     for path in stamped:
         problem = _identity_problem(checked[path], folder.patient, utf8)
+        items = checked[path].values.get(dcmtk.ORIGINAL_ATTRIBUTES) or "0"
+        if problem is None and path in expected and int(items) != expected[path]:
+            problem = (f"its original identity was not kept (Original Attributes Sequence"
+                       f" has {items} items, not {expected[path]})")
         if problem:
             said = [m for m in messages if path in m]
             problem = (f"the identity could not be written ({problem})"

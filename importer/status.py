@@ -97,10 +97,13 @@ def gather_status(settings: Settings) -> dict[str, Any]:
         })
     held = []
     for note in sorted((settings.state_dir / "held").glob("*.txt")):
-        name, _, reason = note.read_text(encoding="utf-8", errors="surrogateescape").partition(
-            "\n")
+        name, reason, *more = note.read_text(encoding="utf-8",
+                                             errors="surrogateescape").split("\n") + [""]
         if (settings.import_dir / name).is_dir():
-            held.append({"folder": display(name), "reason": reason.strip()})
+            released = [line for line in more if line.startswith("released by ")]
+            held.append({"folder": display(name), "reason": reason.strip(),
+                         "released": released[-1] if released else None,
+                         "release_with": f"importer release '{display(name)}' --reason …"})
     quarantined = []
     if settings.failed_dir.is_dir():
         for reason in sorted(settings.failed_dir.rglob("*.reason.txt")):

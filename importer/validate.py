@@ -20,7 +20,8 @@ from importer.snapshot import unchanged
 ORIGINAL_TAGS = (
     dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME, dcmtk.CHARSET, dcmtk.BIRTH_DATE, dcmtk.SEX,
     dcmtk.SOP_INSTANCE_UID, dcmtk.STUDY_INSTANCE_UID, dcmtk.MEDIA_STORAGE_SOP_CLASS,
-    dcmtk.TRANSFER_SYNTAX, dcmtk.SOP_CLASS, dcmtk.ROWS, *dcmtk.PIXEL_DATA_TAGS,
+    dcmtk.TRANSFER_SYNTAX, dcmtk.SOP_CLASS, dcmtk.ROWS, dcmtk.ORIGINAL_ATTRIBUTES,
+    *dcmtk.PIXEL_DATA_TAGS,
 )
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 

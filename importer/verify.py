@@ -141,7 +141,7 @@ class Verifier:
                 return None, {}
             result = dcmtk.find_instances(destination, study)
             if result.refused:
-                self._refused(destination, result.error or "refused")
+                self.note_refused(destination, result.error or "refused")
                 return None, {}
             if result.error and _down(result):
                 warn("C-FIND at %s failed: %s; files stay until it answers",
@@ -153,16 +153,19 @@ class Verifier:
             listed.update(result.instances)
         return listed, failed
 
-    def _refused(self, destination: Destination, error: str) -> None:
+    def note_refused(self, destination: Destination, error: str, identity: str = "") -> None:
+        """It answers no C-FIND from us (seen here, or by reconcile.py, which adds what that
+        means for the patient identity): said once, in one line."""
+        purpose = "verified" if destination.verify != "none" else "checked"
         why = (f"{destination.label} answers no C-FIND from {destination.calling_aet}"
-               f" ({error}). To have files verified there, {find_fix(destination)}")
+               f" ({error}). To have files {purpose} there, {find_fix(destination)}")
         with self.lock:
             first = destination.name not in self.refused
             self.refused[destination.name] = why
-        if first and destination.verify == "auto":
-            warn("%s; relying on its C-STORE answers (verify = auto)", why)
-        elif first:
-            warn("%s; files wait for it (verify = c-find)", why)
+        if first:
+            then = {"auto": "relying on its C-STORE answers (verify = auto)",
+                    "c-find": "files wait for it (verify = c-find)"}.get(destination.verify)
+            warn("%s", "; ".join(part for part in (why, then, identity) if part))
 
 
 def find_fix(destination: Destination) -> str:

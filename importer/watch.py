@@ -49,6 +49,7 @@ class Watcher:
         self.watch_limit_hit = False
         self.quiet_unmatched: set[str] = set()
         self.seen: dict[str, int] = {}  # held folder -> fingerprint of its files when held
+        self.held_watch: int | None = None  # inotify on STATE_DIR/held: releases
         self.retrying: set[str] = set()
         self.noted_writing: set[str] = set()  # files already reported as still being written
         self.last_prune: float | None = None
@@ -72,12 +73,14 @@ class Watcher:
             event("Watcher", "Watching %s (DELAY %d s, rescan every %d s)", self.root,
                   self.settings.delay, self.rescan_seconds)
             self._start_operator_views()
+            self._watch_releases()
             self._add_tree(self.root)
             self.rescan(startup=True)
             next_rescan = time.monotonic() + self.rescan_seconds
             while not self._stop:
                 self._beat()
                 self._check_destinations()
+                self._check_releases()
                 if seconds_until_daily(self.last_prune) == 0:
                     self._prune()
                 audit_period = self.settings.audit_interval_days * 86400.0
@@ -164,6 +167,31 @@ class Watcher:
             journal.close()
         self.destination_watch.check(known, {d.name: d.label for d in self.settings.destinations})
 
+    def _watch_releases(self) -> None:
+        """`importer release` writes to the held folder's note: seen at once."""
+        held = self.settings.state_dir / "held"
+        try:
+            held.mkdir(parents=True, exist_ok=True)
+            self.held_watch = self.inotify.add_watch(held, flags.CLOSE_WRITE)
+        except OSError as exc:
+            warn("Cannot watch %s for releases (checked every %d s instead): %s", held,
+                 HEARTBEAT_SECONDS, exc.strerror)
+
+    def _check_releases(self) -> None:
+        """A held folder a person released (`importer release`, another process) is due at
+        once: it is otherwise not looked at again until its files change."""
+        if not self.seen or not (self.settings.state_dir / "journal.sqlite3").exists():
+            return
+        journal = Journal(self.settings.state_dir)
+        try:
+            released = journal.released() & set(self.seen)
+        finally:
+            journal.close()
+        for name in released:
+            del self.seen[name]
+            event("Waiter", "%s was released: processing it", self._label(name))
+            self._touch(name, at=time.monotonic() - self.settings.delay)
+
     def _audit(self) -> None:
         """Every AUDIT_INTERVAL_DAYS: does each PACS still hold every archived instance?"""
         self.last_audit = time.monotonic()
@@ -209,6 +237,9 @@ class Watcher:
                 continue
             if ev.mask & flags.IGNORED:
                 self.watches.pop(ev.wd, None)
+                continue
+            if ev.wd == self.held_watch:
+                self._check_releases()
                 continue
             directory = self.watches.get(ev.wd)
             if directory is None:

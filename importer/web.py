@@ -200,7 +200,9 @@ def render_page(settings: Settings, token: str = "") -> str:
         ["folder", "files", "quiet for", "due in"],
         [[e(p["folder"]), e(p["files"]), e(f"{p['quiet_for_s']} s"), e(f"{p['due_in_s']} s")]
          for p in s["pending"]]))
-    parts.append("<h2>Held (may be two patients)</h2>" + _table(
+    parts.append("<h2>Held: identity conflict or two patients</h2>"
+                 "<p>Fix the folder (rename it to the right ID, split it), or accept with"
+                 " <code>importer release FOLDER</code>.</p>" + _table(
         ["folder", "why"], [[e(h["folder"]), e(h["reason"])] for h in s["held"]]))
     parts.append("<h2>Quarantined</h2>" + _table(
         ["file", "reason"], [[e(q["file"]), e(q["reason"])] for q in s["quarantined"]]))
@@ -256,8 +258,8 @@ def render_metrics(settings: Settings) -> str:
          sum(p["files"] for p in s["pending"])),
         ("dicom_importer_oldest_waiting_file_age_seconds", "Age of the oldest waiting file",
          {}, max((p["oldest_file_age_s"] for p in s["pending"]), default=0)),
-        ("dicom_importer_held_folders", "Folders held as possibly two patients", {},
-         len(s["held"])),
+        ("dicom_importer_held_folders",
+         "Folders held: identity conflict or possibly two patients", {}, len(s["held"])),
         ("dicom_importer_quarantined_files", "Files in FAILED_DIR", {}, len(s["quarantined"])),
         ("dicom_importer_missing_at_pacs_folders", "Archived folders a PACS no longer holds",
          {}, len(s["missing_at_pacs"])),

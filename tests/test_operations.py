@@ -116,7 +116,7 @@ def test_status_lists_held_folders_until_they_are_sorted_out(site: Site,
     assert site.run().returncode == 1
     (held,) = json.loads(site.run("status", "--json").stdout)["held"]
     assert held["folder"] == "#23-Two^People" and "birth dates" in held["reason"]
-    assert "Held (may hold two patients" in site.run("status").stdout
+    assert "Held (identity conflict or two patients" in site.run("status").stdout
     (folder / "cd2.dcm").unlink()  # a person took the second CD out
     assert site.run().returncode == 0
     assert json.loads(site.run("status", "--json").stdout)["held"] == []

@@ -9,6 +9,7 @@ from importer.dcmtk.dump import (
     BIRTH_DATE,
     CHARSET,
     MEDIA_STORAGE_SOP_CLASS,
+    ORIGINAL_ATTRIBUTES,
     PATIENT_ID,
     PATIENT_NAME,
     PIXEL_DATA_TAGS,
@@ -28,6 +29,7 @@ from importer.dcmtk.modify import (
     convert_un,
     decompress,
     decompression_tool,
+    original_attributes_args,
     set_charset,
     stamp_identity,
 )
@@ -53,11 +55,12 @@ from importer.dcmtk.store import (
 )
 
 __all__ = [
-    "BIRTH_DATE", "CHARSET", "MEDIA_STORAGE_SOP_CLASS", "PATIENT_ID", "PATIENT_NAME",
+    "BIRTH_DATE", "CHARSET", "MEDIA_STORAGE_SOP_CLASS", "ORIGINAL_ATTRIBUTES", "PATIENT_ID",
+    "PATIENT_NAME",
     "PIXEL_DATA_TAGS", "ROWS", "SEX", "SOP_CLASS", "SOP_INSTANCE_UID", "STUDY_INSTANCE_UID",
     "TRANSFER_SYNTAX", "DcmtkMissing", "Dump", "FindResult", "Outcome", "Stopped",
     "StoreResult", "ToolRun", "chunked", "classify_status", "convert_to_utf8", "convert_un",
     "decompress", "decompression_tool", "dicom_magic", "dump_tags", "echo", "find_instances",
-    "mask_patient_name", "proposal_for", "request_stop", "run", "set_charset",
-    "stamp_identity", "stop_requested", "store", "tool_path", "versions",
+    "mask_patient_name", "original_attributes_args", "proposal_for", "request_stop", "run",
+    "set_charset", "stamp_identity", "stop_requested", "store", "tool_path", "versions",
 ]

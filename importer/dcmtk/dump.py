@@ -35,6 +35,7 @@ MEDIA_STORAGE_SOP_CLASS = "0002,0002"
 TRANSFER_SYNTAX = "0002,0010"
 SOP_CLASS = "0008,0016"
 ROWS = "0028,0010"
+ORIGINAL_ATTRIBUTES = "0400,0561"  # Original Attributes Sequence (its value: item count)
 PIXEL_DATA_TAGS = ("7fe0,0010", "7fe0,0008", "7fe0,0009")  # integer, float, double float
 
 _HEADER = re.compile(r"^# dcmdump \(\d+/\d+\): (?P<path>.*)$")
@@ -43,12 +44,16 @@ ELEMENT = re.compile(
     r"(?:\[(?P<value>.*)\]|\(no value available\)|(?P<raw>.*?))\s+#\s*(?:\d+|u/l),"
 )
 _UN_BYTES = re.compile(r"^[0-9a-f]{2}(?:\\[0-9a-f]{2})*$")
+_ITEMS = re.compile(r"#=(\d+)")
 
 
 def _value(element: re.Match[str]) -> str:
     """An element's value as dcmdump shows it; a UN element's bytes decoded as text (UN
     UIDs and strings are still their values, in the file's character set)."""
     raw = element["raw"] or ""
+    if element["vr"] == "SQ":  # "(Sequence with explicit length #=2)": its item count
+        items = _ITEMS.search(raw)
+        return items[1] if items else "0"
     if element["vr"] == "UN" and _UN_BYTES.match(raw):
         return clean(bytes.fromhex(raw.replace("\\", "")).decode("latin-1"))
     return clean(element["value"] or "")

@@ -11,8 +11,9 @@ from importer.folders import Patient
 
 
 def stamp_identity(paths: Sequence[str], patient: Patient, *, utf8: bool,
-                   backup: bool) -> list[ToolRun]:
-    """Insert-or-overwrite PatientID/PatientName (and the UTF-8 character set).
+                   backup: bool, provenance: Sequence[str] = ()) -> list[ToolRun]:
+    """Insert-or-overwrite PatientID/PatientName (and the UTF-8 character set), and the
+    provenance (original_attributes_args) in the same call.
 
     With backup, dcmodify renames each original to ``<file>.bak`` before writing the new
     file; without (``-nb``) it rewrites in place, so callers must then pass copies, never
@@ -20,11 +21,24 @@ def stamp_identity(paths: Sequence[str], patient: Patient, *, utf8: bool,
     result with dump_tags.
     """
     args = [*([] if backup else ["-nb"]), "-ie", "-nmu", "-i", f"(0010,0020)={patient.id}",
-            "-i", f"(0010,0010)={patient.name}"]
+            "-i", f"(0010,0010)={patient.name}", *provenance]
     if utf8:
         args += ["-i", "(0008,0005)=ISO_IR 192"]
-    fixed = sum(len(a.encode()) + 9 for a in args)
+    fixed = sum(len(a.encode("utf-8", "surrogateescape")) + 9 for a in args)
     return [run("dcmodify", [*args, *chunk]) for chunk in chunked(paths, fixed)]
+
+
+def original_attributes_args(item: int, originals: Sequence[tuple[str, str]], when: str,
+                             system: str) -> list[str]:
+    """dcmodify arguments that add item number `item` (0: a new sequence; n: appended
+    after the n items a file has) to the Original Attributes Sequence (0400,0561): the
+    original values of the changed attributes ((tag, value): '' for one that was absent)
+    in its Modified Attributes Sequence (0400,0550), when, by what, and why (COERCE)."""
+    at = f"(0400,0561)[{item}]"
+    args = [arg for tag, value in originals
+            for arg in ("-i", f"{at}.(0400,0550)[0].({tag})={value}")]
+    return [*args, "-i", f"{at}.(0400,0562)={when}", "-i", f"{at}.(0400,0563)={system}",
+            "-i", f"{at}.(0400,0565)=COERCE"]
 
 
 def set_charset(paths: Sequence[str], charset: str) -> list[ToolRun]:
@@ -34,7 +48,7 @@ def set_charset(paths: Sequence[str], charset: str) -> list[ToolRun]:
     treat a failed conversion as the verdict, not this call's exit code.
     """
     args = ["-nb", "-ie", "-nmu", "-i", f"(0008,0005)={charset}"]
-    fixed = sum(len(a.encode()) + 9 for a in args)
+    fixed = sum(len(a.encode("utf-8", "surrogateescape")) + 9 for a in args)
     return [run("dcmodify", [*args, *chunk]) for chunk in chunked(paths, fixed)]
 
 
