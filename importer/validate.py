@@ -14,8 +14,9 @@ from importer.config import Settings
 from importer.folders import display
 from importer.logs import warn
 from importer.model import Folder, SourceFile
-from importer.share import could_become_dicom, image_without_pixels
+from importer.share import image_without_pixels, read_head
 from importer.snapshot import unchanged
+from importer.sniff import HEAD_BYTES, may_become_dicom, plainly_not_dicom
 
 ORIGINAL_TAGS = (
     dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME, dcmtk.CHARSET, dcmtk.BIRTH_DATE, dcmtk.SEX,
@@ -44,7 +45,9 @@ def classify(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -
 
     A file that looks unfinished (unreadable, no DICM magic yet, an image without its pixel
     data) and changed within INCOMPLETE_GRACE is a copy still under way, not a broken file:
-    it is left in place; only once it has stayed unchanged that long is it judged."""
+    it is left in place; only once it has stayed unchanged that long is it judged. A file
+    that is plainly something else (text, a program, a font, a ZIP: sniff.py) is not one:
+    it is archived unsent with the folder at once."""
     folder.files = unchanged(folder, folder.files, "while being read")
     now = time.time()
     candidates = []
@@ -53,12 +56,15 @@ def classify(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -
         young = now - source.ident.changed_at() < settings.incomplete_grace
         dicomdir = dump is not None and _is_dicomdir(source, dump)
         if dump is None:
-            if young and could_become_dicom(source.path):
+            head = read_head(source.path, HEAD_BYTES)
+            if young and head is not None and may_become_dicom(head):
                 folder.writing[source.path] = (
                     f"incomplete: no DICM magic yet ({source.size} bytes)")
                 continue
-            warn("Not a DICOM file: %s/%s (archived with its folder, not sent)",
-                 display(folder.name), display(source.rel))
+            what = plainly_not_dicom(head or b"")
+            warn("Not a DICOM file: %s/%s (%s; archived with its folder, not sent)",
+                 display(folder.name), display(source.rel),
+                 what or ("empty" if head == b"" else "no DICM magic, not a data set"))
             folder.unsent.append(source)
         elif unfinished := _looks_unfinished(dump, dicomdir):
             while_young, once_old = unfinished

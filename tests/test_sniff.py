@@ -3,6 +3,8 @@ and what a file that is not sent is called in the summary."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from importer import sniff
@@ -113,3 +115,9 @@ def test_count_words_in_the_summary_order() -> None:
         "2 DICOMDIRs", "1 empty file"]
     assert sniff.count_words([]) == []
 
+
+def test_read_head_of_a_missing_file_is_none(tmp_path: Path) -> None:
+    from importer.share import read_head
+    assert read_head(str(tmp_path / "gone"), 10) is None
+    (tmp_path / "five").write_bytes(b"12345")
+    assert read_head(str(tmp_path / "five"), 3) == b"123"
