@@ -16,7 +16,7 @@ from importer.logs import warn
 from importer.model import Folder, SourceFile
 from importer.share import image_without_pixels, read_head
 from importer.snapshot import unchanged
-from importer.sniff import HEAD_BYTES, may_become_dicom, plainly_not_dicom
+from importer.sniff import DICOMDIR, HEAD_BYTES, kind_of, may_become_dicom, plainly_not_dicom
 
 ORIGINAL_TAGS = (
     dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME, dcmtk.CHARSET, dcmtk.BIRTH_DATE, dcmtk.SEX,
@@ -66,6 +66,7 @@ def classify(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -
                  display(folder.name), display(source.rel),
                  what or ("empty" if head == b"" else "no DICM magic, not a data set"))
             folder.unsent.append(source)
+            folder.unsent_kinds[source.path] = kind_of(source.rel, head)
         elif unfinished := _looks_unfinished(dump, dicomdir):
             while_young, once_old = unfinished
             if young:
@@ -74,6 +75,7 @@ def classify(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -
             folder.to_quarantine[source.path] = once_old
         elif dicomdir:
             folder.unsent.append(source)  # a CD's index, not an image: never sent
+            folder.unsent_kinds[source.path] = DICOMDIR
         else:
             source.transfer_syntax = dump.values.get(dcmtk.TRANSFER_SYNTAX, "")
             source.sop_uid = dump.values.get(dcmtk.SOP_INSTANCE_UID, "")

@@ -215,6 +215,7 @@ def test_settled_notes_do_not_wait_but_a_copy_not_begun_does(
 
     result = site.run()
     assert result.returncode == 0, result.stderr
+    assert "1 text file archived unsent" in result.stderr
     assert {Path(k).name for k in site.archived()} == {"IM00001.dcm", "IM00002.dcm", "notes.txt"}
     assert site.remaining() == [] and len(storescp.received()) == 2
 
@@ -227,6 +228,7 @@ def test_settled_notes_do_not_wait_but_a_copy_not_begun_does(
     assert result.returncode == 1, result.stderr
     log = receive_log(site)
     assert "no DICM magic yet (0 bytes)" in log and "no DICM magic yet (4096 bytes)" in log
+    assert "1 text file kept until the rest of the folder is done" in result.stderr
     assert sorted(site.remaining()) == sorted(
         f"{FOLDER}/{n}" for n in ("later/IM00004.dcm", "prealloc.dcm", "notes2.txt"))
     assert len(storescp.received()) == 3 and site.failed() == {}
