@@ -6,13 +6,14 @@ two different images under one SOP Instance UID."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 
 from importer import dcmtk
 from importer.config import Settings
 from importer.folders import display
-from importer.logs import warn
+from importer.logs import event, warn
 from importer.model import Folder, SourceFile
 from importer.share import image_without_pixels, read_head
 from importer.snapshot import unchanged
@@ -51,6 +52,7 @@ def classify(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -
     folder.files = unchanged(folder, folder.files, "while being read")
     now = time.time()
     candidates = []
+    not_dicom: list[tuple[str, str]] = []  # (rel, what it is)
     for source in folder.files:
         dump = dumps.get(source.path)
         young = now - source.ident.changed_at() < settings.incomplete_grace
@@ -62,9 +64,8 @@ def classify(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -
                     f"incomplete: no DICM magic yet ({source.size} bytes)")
                 continue
             what = plainly_not_dicom(head or b"")
-            warn("Not a DICOM file: %s/%s (%s; archived with its folder, not sent)",
-                 display(folder.name), display(source.rel),
-                 what or ("empty" if head == b"" else "no DICM magic, not a data set"))
+            not_dicom.append((source.rel, what or (
+                "empty" if head == b"" else "no DICM magic, not a data set")))
             folder.unsent.append(source)
             folder.unsent_kinds[source.path] = kind_of(source.rel, head)
         elif unfinished := _looks_unfinished(dump, dicomdir):
@@ -82,7 +83,22 @@ def classify(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -
             source.study_uid = dump.values.get(dcmtk.STUDY_INSTANCE_UID, "")
             candidates.append(source)
     folder.files = candidates
+    _note_not_dicom(folder, not_dicom)
     _check_patients(folder, dumps, settings)
+
+
+def _note_not_dicom(folder: Folder, not_dicom: list[tuple[str, str]]) -> None:
+    """One [WARN] per folder, not per file (a CD's viewer is hundreds of files); every file
+    with what it is in the JSON log."""
+    for rel, what in not_dicom:
+        event("INFO", "Not a DICOM file: %s/%s (%s; archived with its folder, not sent)",
+              display(folder.name), display(rel), what, level=logging.DEBUG)
+    if not_dicom:
+        rel, what = not_dicom[0]
+        n = len(not_dicom) - 1
+        more = f" and {n} more file{'s' if n > 1 else ''}" if n else ""
+        warn("Not a DICOM file: %s/%s (%s)%s: archived with its folder, not sent",
+             display(folder.name), display(rel), what, more)
 
 
 def _check_patients(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -> None:

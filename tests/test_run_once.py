@@ -114,7 +114,11 @@ def test_bad_files_are_never_sent_and_nothing_is_lost(site: Site, storescp: Stor
     assert failed["#5-Roe^Jane/cut.dcm"].stat().st_size == 2000, "quarantined as it was"
     reason = failed["#5-Roe^Jane/cut.dcm"].with_name("cut.dcm.reason.txt").read_text()
     assert "DCMTK cannot read this file" in reason
-    assert "Not a DICOM file: #5-Roe^Jane/notes.txt" in result.stderr
+    # One line per folder on the console; every file, with what it is, in the JSON log.
+    assert ("Not a DICOM file: #5-Roe^Jane/empty.dcm (empty) and 1 more file: archived with"
+            " its folder, not sent") in result.stderr
+    assert "Not a DICOM file: #5-Roe^Jane/notes.txt (text;" in "\n".join(
+        r["message"] for r in site.log_records())
     assert site.remaining() == []
 
 
@@ -181,6 +185,7 @@ def test_a_cd_copied_whole_goes_at_once(site: Site, storescp: StoreSCP) -> None:
             " 1 text file archived unsent, 0 quarantined, 0 left for retry,"
             " 0 still being written, 0 left in place") in result.stderr
     assert "still being written or incomplete" not in result.stderr
+    assert result.stderr.count("Not a DICOM file") == 1  # one line for the folder, not per file
     sent = [arg for r in site.log_records() if r.get("tool") == "storescu" for arg in r["argv"]]
     assert not [arg for arg in sent if "VIEWER" in arg or "DICOMDIR" in arg or ".txt" in arg]
     receipt = json.loads((archived["#4711-Cd^Copy/notes.txt"].parent.parent
