@@ -18,6 +18,7 @@ from importer.logs import error, event, warn
 from importer.model import Folder, SourceFile, folder_hash
 from importer.receipt import build_receipt, receipt_path
 from importer.snapshot import folder_lock, unchanged
+from importer.sniff import OTHER, count_words
 from importer.stamp import recover_interrupted_stamp
 from importer.verdict import Fate, Target, decide
 from importer.verify import Verifier
@@ -177,13 +178,28 @@ def finish(folder: Folder, settings: Settings, journal: Journal, verifier: Verif
             warn("%s and %d more files: left for retry: %s", first, len(paths) - 1, why)
     unsent = {f.path for f in folder.unsent}
     folder.sent = sum(1 for p in archived if p not in quarantine_rel and p not in unsent)
-    event("INFO", "%s: %d acknowledged, %d listed by C-FIND, %d sent and archived, %d not DICOM"
-          " (archived unsent), %d quarantined, %d left for retry, %d still being written,"
-          " %d left in place, %.2f s",
+    event("INFO", "%s: %d acknowledged, %d listed by C-FIND, %d sent and archived, %s,"
+          " %d quarantined, %d left for retry, %d still being written, %d left in place, %.2f s",
           display(folder.name), acknowledged, listed, folder.sent,
-          sum(1 for p in archived if p in unsent),
-          folder.quarantined, len(folder.pending), len(folder.writing), len(folder.left),
-          time.monotonic() - folder.started)
+          not_sent_words(folder, set(archived)), folder.quarantined, len(folder.pending),
+          len(folder.writing), len(folder.left), time.monotonic() - folder.started)
+
+
+def not_sent_words(folder: Folder, archived: set[str]) -> str:
+    """What of the folder was never meant to be sent, and what became of it, in words:
+    "1 DICOMDIR archived unsent, 12 viewer/program files archived unsent" (or "0 archived
+    unsent"); those kept back while other files of the folder still wait say so."""
+    done: list[tuple[str, str]] = []
+    waiting: list[tuple[str, str]] = []
+    for source in folder.unsent:
+        kind = folder.unsent_kinds.get(source.path, OTHER)
+        if source.path in archived:
+            done.append(kind)
+        elif source.path not in folder.writing and source.path not in folder.pending:
+            waiting.append(kind)
+    words = [f"{n} archived unsent" for n in count_words(done)] or ["0 archived unsent"]
+    words += [f"{n} kept until the rest of the folder is done" for n in count_words(waiting)]
+    return ", ".join(words)
 
 
 def note_writing(folder: Folder, settings: Settings, noted: set[str] | None) -> None:

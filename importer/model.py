@@ -53,6 +53,7 @@ class Folder:
     files: list[SourceFile]
     left: list[tuple[str, str]] = field(default_factory=list)  # (rel, why), stays in place
     unsent: list[SourceFile] = field(default_factory=list)  # not DICOM / DICOMDIR: archived
+    unsent_kinds: dict[str, tuple[str, str]] = field(default_factory=dict)  # path -> sniff kind
     to_quarantine: dict[str, str] = field(default_factory=dict)  # path -> reason
     ready: list[SourceFile] = field(default_factory=list)  # verified identity, sendable
     pending: dict[str, str] = field(default_factory=dict)  # path -> why it waits for retry
@@ -69,6 +70,7 @@ class Folder:
         """Once finished, a folder keeps only what the batch's report needs (what waits,
         why, what was held): memory stays flat in the number of folders of a batch."""
         self.files, self.ready, self.unsent, self.duplicates = [], [], [], {}
+        self.unsent_kinds = {}
 
 
 def folder_hash(name: str) -> str:

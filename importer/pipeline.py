@@ -37,6 +37,7 @@ from importer.snapshot import (
     unchanged,
     warn_unmatched,
 )
+from importer.sniff import OTHER, count_words
 from importer.stamp import stamp
 from importer.validate import check_duplicate_uids, classify, read_originals
 
@@ -228,9 +229,10 @@ def _remember_held(settings: Settings, folder: Folder) -> None:
 
 def _describe(folder: Folder, settings: Settings) -> None:
     targets = ", ".join(d.label for d in settings.destinations)
+    unsent = count_words([folder.unsent_kinds.get(f.path, OTHER) for f in folder.unsent])
     event("DRY-RUN", "%s: would stamp %d files as %s and send them to %s; "
-          "%d not DICOM (archive unsent); %d unreadable (quarantine); %d still being written"
+          "%s to archive unsent; %d unreadable (quarantine); %d still being written"
           " (leave)%s",
           display(folder.name), len(folder.files), identity_label(folder.patient, settings),
-          targets, len(folder.unsent), len(folder.to_quarantine), len(folder.writing),
+          targets, ", ".join(unsent) or "nothing", len(folder.to_quarantine), len(folder.writing),
           f"; HELD: {folder.held}" if folder.held else "")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from importer.config import Destination, Settings
 from importer.journal import Delivery, FileKey
 from importer.logs import MASK
+from importer.sniff import DICOMDIR, OTHER
 
 if TYPE_CHECKING:
     from importer.model import Folder, SourceFile
@@ -55,7 +56,10 @@ def build_receipt(target_root: Path, folder: Folder, archived: list[tuple[Source
         entry: dict[str, Any] = {"path": source.rel, "size": source.size, "target": str(target)}
         if source.path in unsent:
             entry["sent"] = False
-            entry["why"] = "not DICOM (or a DICOMDIR): archived with its folder, never sent"
+            kind = folder.unsent_kinds.get(source.path, OTHER)
+            what = ("a DICOMDIR (a CD's index, not an image)" if kind == DICOMDIR
+                    else f"not DICOM ({kind[0]})")
+            entry["why"] = f"{what}: archived with its folder, never sent"
         else:
             entry |= {"sent": True, "sop_instance_uid": source.sop_uid,
                       "study_instance_uid": source.study_uid, "destinations": {}}

@@ -188,7 +188,6 @@ _IMAGE_CLASSES = frozenset(_IMAGE_CLASS_ROOT + suffix for suffix in (
     "77.1.4", "77.1.4.1", "77.1.5.1", "77.1.5.2", "77.1.5.4", "77.1.5.5", "77.1.5.7", "77.1.5.8",
     "77.1.6", "77.1.7",
 ))
-_PREAMBLE_AND_MAGIC = 132
 
 
 def image_without_pixels(values: dict[str, str], sop_class: str, rows_tag: str,
@@ -199,12 +198,10 @@ def image_without_pixels(values: dict[str, str], sop_class: str, rows_tag: str,
     return rows_tag in values or sop_class in _IMAGE_CLASSES
 
 
-def could_become_dicom(path: str) -> bool:
-    """A file without the DICM magic that may only be unfinished: shorter than the preamble
-    and magic, or (preallocated by the writer) still zero where the magic will be."""
+def read_head(path: str, size: int) -> bytes | None:
+    """The first size bytes of path (None: it cannot be read), for sniff.py to judge."""
     try:
         with open(path, "rb") as fh:
-            head = fh.read(_PREAMBLE_AND_MAGIC)
+            return fh.read(size)
     except OSError:
-        return False
-    return len(head) < _PREAMBLE_AND_MAGIC or head[128:132] == b"\0\0\0\0"
+        return None

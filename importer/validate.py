@@ -6,16 +6,18 @@ two different images under one SOP Instance UID."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 
 from importer import dcmtk
 from importer.config import Settings
 from importer.folders import display
-from importer.logs import warn
+from importer.logs import event, warn
 from importer.model import Folder, SourceFile
-from importer.share import could_become_dicom, image_without_pixels
+from importer.share import image_without_pixels, read_head
 from importer.snapshot import unchanged
+from importer.sniff import DICOMDIR, HEAD_BYTES, kind_of, may_become_dicom, plainly_not_dicom
 
 ORIGINAL_TAGS = (
     dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME, dcmtk.CHARSET, dcmtk.BIRTH_DATE, dcmtk.SEX,
@@ -45,22 +47,28 @@ def classify(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -
 
     A file that looks unfinished (unreadable, no DICM magic yet, an image without its pixel
     data) and changed within INCOMPLETE_GRACE is a copy still under way, not a broken file:
-    it is left in place; only once it has stayed unchanged that long is it judged."""
+    it is left in place; only once it has stayed unchanged that long is it judged. A file
+    that is plainly something else (text, a program, a font, a ZIP: sniff.py) is not one:
+    it is archived unsent with the folder at once."""
     folder.files = unchanged(folder, folder.files, "while being read")
     now = time.time()
     candidates = []
+    not_dicom: list[tuple[str, str]] = []  # (rel, what it is)
     for source in folder.files:
         dump = dumps.get(source.path)
         young = now - source.ident.changed_at() < settings.incomplete_grace
         dicomdir = dump is not None and _is_dicomdir(source, dump)
         if dump is None:
-            if young and could_become_dicom(source.path):
+            head = read_head(source.path, HEAD_BYTES)
+            if young and head is not None and may_become_dicom(head):
                 folder.writing[source.path] = (
                     f"incomplete: no DICM magic yet ({source.size} bytes)")
                 continue
-            warn("Not a DICOM file: %s/%s (archived with its folder, not sent)",
-                 display(folder.name), display(source.rel))
+            what = plainly_not_dicom(head or b"")
+            not_dicom.append((source.rel, what or (
+                "empty" if head == b"" else "no DICM magic, not a data set")))
             folder.unsent.append(source)
+            folder.unsent_kinds[source.path] = kind_of(source.rel, head)
         elif unfinished := _looks_unfinished(dump, dicomdir):
             while_young, once_old = unfinished
             if young:
@@ -69,13 +77,29 @@ def classify(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -
             folder.to_quarantine[source.path] = once_old
         elif dicomdir:
             folder.unsent.append(source)  # a CD's index, not an image: never sent
+            folder.unsent_kinds[source.path] = DICOMDIR
         else:
             source.transfer_syntax = dump.values.get(dcmtk.TRANSFER_SYNTAX, "")
             source.sop_uid = dump.values.get(dcmtk.SOP_INSTANCE_UID, "")
             source.study_uid = dump.values.get(dcmtk.STUDY_INSTANCE_UID, "")
             candidates.append(source)
     folder.files = candidates
+    _note_not_dicom(folder, not_dicom)
     _check_patients(folder, dumps, settings)
+
+
+def _note_not_dicom(folder: Folder, not_dicom: list[tuple[str, str]]) -> None:
+    """One [WARN] per folder, not per file (a CD's viewer is hundreds of files); every file
+    with what it is in the JSON log."""
+    for rel, what in not_dicom:
+        event("INFO", "Not a DICOM file: %s/%s (%s; archived with its folder, not sent)",
+              display(folder.name), display(rel), what, level=logging.DEBUG)
+    if not_dicom:
+        rel, what = not_dicom[0]
+        n = len(not_dicom) - 1
+        more = f" and {n} more file{'s' if n > 1 else ''}" if n else ""
+        warn("Not a DICOM file: %s/%s (%s)%s: archived with its folder, not sent",
+             display(folder.name), display(rel), what, more)
 
 
 def _check_patients(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -> None:

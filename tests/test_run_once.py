@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import generate_uid
 
 from importer.config import load_settings
 from importer.pipeline import folder_lock
@@ -113,8 +115,87 @@ def test_bad_files_are_never_sent_and_nothing_is_lost(site: Site, storescp: Stor
     assert failed["#5-Roe^Jane/cut.dcm"].stat().st_size == 2000, "quarantined as it was"
     reason = failed["#5-Roe^Jane/cut.dcm"].with_name("cut.dcm.reason.txt").read_text()
     assert "DCMTK cannot read this file" in reason
-    assert "Not a DICOM file: #5-Roe^Jane/notes.txt" in result.stderr
+    # One line per folder on the console; every file, with what it is, in the JSON log.
+    assert ("Not a DICOM file: #5-Roe^Jane/empty.dcm (empty) and 1 more file: archived with"
+            " its folder, not sent") in result.stderr
+    assert "Not a DICOM file: #5-Roe^Jane/notes.txt (text;" in "\n".join(
+        r["message"] for r in site.log_records())
     assert site.remaining() == []
+
+
+# A Windows program's first bytes (DOS header, e_lfanew 0x80) and a TrueType font's: zeros
+# where a DICOM file has its magic, like a file preallocated by a writer still at work.
+PE_BYTES = b"MZ\x90\x00\x03" + b"\0" * 55 + b"\xf0\0\0\0" + b"\0" * 176 + b"PE\0\0" + b"\0" * 2000
+TTF_BYTES = b"\x00\x01\x00\x00\x00\x0c\x00\x80\x00\x03\x00\x40cmap" + b"\0" * 3000
+
+
+def test_a_cd_copied_whole_goes_at_once(site: Site, storescp: StoreSCP) -> None:
+    """A patient CD copied whole into a folder: extensionless DICOM files under IHE_PDI/, its
+    DICOMDIR, the viewer (a program, a library, a page, autorun.inf, a font) and a note. The
+    images go at once under the folder's identity; the rest is archived unsent beside them in
+    the same run, although INCOMPLETE_GRACE is an hour (issue 23); the summary says in words
+    what was not sent; run-once exits 0 and nothing stays in the import dir."""
+    site.use(storescp)
+    site.env["INCOMPLETE_GRACE"] = "3600"
+    folder = site.import_dir / "#4711-Cd^Copy"
+    study = generate_uid()
+    uids = set()
+    for series, count in (("SER1", 3), ("SER2", 2)):
+        series_uid = generate_uid()
+        for i in range(1, count + 1):
+            uids.add(make_ct(folder / "IHE_PDI" / "PAT1" / "STU1" / series / f"IMG{i}", rows=16,
+                             study_uid=study, series_uid=series_uid, instance_number=i))
+    if shutil.which("dcmmkdir"):  # the CD's index, as DCMTK writes one
+        subprocess.run(["dcmmkdir", "+r", "+I", "IHE_PDI"], cwd=folder, check=True,
+                       capture_output=True)
+    else:
+        make_ct(folder / "DICOMDIR", rows=16, extra=lambda ds: setattr(
+            ds.file_meta, "MediaStorageSOPClassUID", "1.2.840.10008.1.3.10"))
+    viewer = {
+        "autorun.inf": b"[autorun]\r\nopen=VIEWER\\viewer.exe\r\nicon=VIEWER\\viewer.exe\r\n",
+        "VIEWER/viewer.exe": PE_BYTES,
+        "VIEWER/dcmview.dll": PE_BYTES + b"library",
+        "VIEWER/help/index.html": b"<!DOCTYPE html>\n<html><body>Open viewer.exe</body></html>\n",
+        "VIEWER/fonts/viewer.ttf": TTF_BYTES,
+        "notes.txt": b"see report\n",  # 11 bytes, as in the issue
+    }
+    for rel, data in viewer.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    dicomdir = (folder / "DICOMDIR").read_bytes()
+    every_file = {str(p.relative_to(site.import_dir)) for p in folder.rglob("*") if p.is_file()}
+
+    result = site.run()
+
+    assert result.returncode == 0, result.stderr
+    received = by_uid(storescp)
+    assert set(received) == uids
+    assert all((ds.PatientID, str(ds.PatientName)) == ("4711", "Cd^Copy")
+               for ds in received.values())
+    archived = site.archived()
+    assert set(archived) == every_file  # unsent ones too, beside the images
+    assert archived["#4711-Cd^Copy/DICOMDIR"].read_bytes() == dicomdir  # as it came
+    for rel, data in viewer.items():
+        assert archived[f"#4711-Cd^Copy/{rel}"].read_bytes() == data, rel
+    image = archived["#4711-Cd^Copy/IHE_PDI/PAT1/STU1/SER2/IMG2"]
+    assert pydicom.dcmread(image).PatientID == "4711"  # stamped, archived under its own path
+    assert site.failed() == {} and site.remaining() == []
+    assert not any(site.import_dir.iterdir())
+    assert ("#4711-Cd^Copy: 5 acknowledged, 0 listed by C-FIND, 5 sent and archived,"
+            " 1 DICOMDIR archived unsent, 5 viewer/program files archived unsent,"
+            " 1 text file archived unsent, 0 quarantined, 0 left for retry,"
+            " 0 still being written, 0 left in place") in result.stderr
+    assert "still being written or incomplete" not in result.stderr
+    assert result.stderr.count("Not a DICOM file") == 1  # one line for the folder, not per file
+    sent = [arg for r in site.log_records() if r.get("tool") == "storescu" for arg in r["argv"]]
+    assert not [arg for arg in sent if "VIEWER" in arg or "DICOMDIR" in arg or ".txt" in arg]
+    receipt = json.loads((archived["#4711-Cd^Copy/notes.txt"].parent.parent
+                          / "#4711-Cd^Copy.receipt.json").read_text(encoding="utf-8"))
+    why = {f["path"]: f.get("why") for f in receipt["files"]}
+    assert why["notes.txt"] == "not DICOM (text file): archived with its folder, never sent"
+    assert why["VIEWER/viewer.exe"].startswith("not DICOM (viewer/program file)")
+    assert why["DICOMDIR"].startswith("a DICOMDIR")
+    assert why["IHE_PDI/PAT1/STU1/SER1/IMG1"] is None
 
 
 def test_unmatched_folders_loose_files_and_hostile_names_stay_untouched(
@@ -218,6 +299,7 @@ def test_dry_run_touches_nothing(site: Site, storescp: StoreSCP) -> None:
 
     assert result.returncode == 0, result.stderr
     assert "would stamp 3 files as ID 13 / name Dry^Run" in result.stderr
+    assert "1 text file to archive unsent" in result.stderr
     assert tree_digest(site.import_dir) == before
     assert storescp.received() == []
     for path in (site.archive_dir, site.failed_dir, site.log_dir, site.state_dir):

@@ -197,6 +197,55 @@ def test_header_only_file_waits_then_is_quarantined_after_the_grace(
     assert len(received) == 1 and all(whole(ds) for ds in received)
 
 
+def test_settled_notes_do_not_wait_but_a_copy_not_begun_does(
+        site: Site, storescp: StoreSCP, sources: Path) -> None:
+    """A settled 11-byte notes.txt beside the images is plainly not a DICOM file still
+    arriving: with INCOMPLETE_GRACE an hour it is archived unsent with the images in the
+    same run, and run-once exits 0 (issue 23). A file created but still empty, and one
+    preallocated with zeros where the magic goes, may still become DICOM: they wait, and so
+    does the note beside them; once written they are sent and everything is archived.
+    Signal: what the file's first bytes say."""
+    site.use(storescp)
+    site.env["INCOMPLETE_GRACE"] = "3600"
+    target = site.import_dir / FOLDER
+    target.mkdir()
+    for name in ("IM00001.dcm", "IM00002.dcm"):
+        shutil.copy(sources / name, target / name)
+    (target / "notes.txt").write_bytes(b"see report\n")
+
+    result = site.run()
+    assert result.returncode == 0, result.stderr
+    assert "1 text file archived unsent" in result.stderr
+    assert {Path(k).name for k in site.archived()} == {"IM00001.dcm", "IM00002.dcm", "notes.txt"}
+    assert site.remaining() == [] and len(storescp.received()) == 2
+
+    (target / "later").mkdir(parents=True)
+    shutil.copy(sources / "IM00003.dcm", target / "IM00003.dcm")
+    (target / "later" / "IM00004.dcm").write_bytes(b"")  # created, not written yet
+    (target / "prealloc.dcm").write_bytes(b"\0" * 4096)  # preallocated by its writer
+    (target / "notes2.txt").write_bytes(b"second CD\n")
+    result = site.run()
+    assert result.returncode == 1, result.stderr
+    log = receive_log(site)
+    assert "no DICM magic yet (0 bytes)" in log and "no DICM magic yet (4096 bytes)" in log
+    assert "1 text file kept until the rest of the folder is done" in result.stderr
+    assert sorted(site.remaining()) == sorted(
+        f"{FOLDER}/{n}" for n in ("later/IM00004.dcm", "prealloc.dcm", "notes2.txt"))
+    assert len(storescp.received()) == 3 and site.failed() == {}
+
+    shutil.copy(sources / "IM00004.dcm", target / "later" / "IM00004.dcm")
+    make_ct(target / "prealloc.dcm", rows=ROWS)  # its writer fills it in
+    result = site.run()
+    assert result.returncode == 0, result.stderr
+    storescp.stop()
+    archived = {Path(k).name for k in site.archived()}
+    assert archived == {f"IM0000{i}.dcm" for i in range(1, 5)} | {
+        "prealloc.dcm", "notes.txt", "notes2.txt"}
+    received = storescp.received_datasets()
+    assert len(received) == 5 and all(ds.PatientID == "4242" and whole(ds) for ds in received)
+    assert site.remaining() == [] and site.failed() == {}
+
+
 def test_objects_without_pixel_data_are_not_held(site: Site, storescp: StoreSCP,
                                                  tmp_path: Path) -> None:
     """An SR or KO legitimately has no pixel data: sent at once, never taken for a partial
