@@ -80,6 +80,7 @@ class Settings:
     status_tls_key: Path | None = None
     alert_webhook: str = ""  # JSON POST on quarantine, held folder, destination down/up
     alert_after: int = 900  # seconds a destination may fail before an alert
+    probe_interval: int = 30  # watch asks a destination that is down by C-ECHO this often
     dry_run: bool = False
 
 
@@ -118,6 +119,7 @@ _SCALARS: dict[str, tuple[str, Any]] = {
     "status_tls_key": ("STATUS_TLS_KEY", ""),
     "alert_webhook": ("ALERT_WEBHOOK", ""),
     "alert_after": ("ALERT_AFTER", 900),
+    "probe_interval": ("PROBE_INTERVAL", 30),
 }
 
 # Environment variables of the old scripts, per destination: field -> variable.
@@ -196,6 +198,7 @@ def load_settings(
         status_tls_key=get("status_tls_key", _optional_file),
         alert_webhook=get("alert_webhook", _url),
         alert_after=get("alert_after", _int_range(0, 7 * 86400)),
+        probe_interval=get("probe_interval", _int_range(1, 3600)),
         dry_run=bool(flags.get("dry_run", False)),
     )
     _check_dirs(settings, raw, create=create_dirs and not settings.dry_run)

@@ -61,6 +61,11 @@ class QuietTimers:
         now = self.clock()
         return {name: max(0.0, self._deadline(t) - now) for name, t in self._timers.items()}
 
+    def hurry(self, folder: str) -> None:
+        """Due now, whatever its backoff: what it waited for (a destination) is back."""
+        self._failures.pop(folder, None)
+        self._timers[folder] = _Timer(self.clock() - self.delay)
+
     def succeeded(self, folder: str) -> None:
         self._failures.pop(folder, None)
 

@@ -60,9 +60,12 @@ def plan_path(settings: Settings, folder_name: str) -> Path:
 
 
 def finish(folder: Folder, settings: Settings, journal: Journal, verifier: Verifier,
-            batch_stamp: str) -> None:
+           batch_stamp: str, quiet: set[str] | None = None) -> None:
     """Archive what every required PACS has (and, where it answers C-FIND, lists under
-    the folder's ID); quarantine what cannot be sent; leave the rest; report."""
+    the folder's ID); quarantine what cannot be sent; leave the rest; report.
+
+    quiet: labels of destinations known to be down (watch): files waiting only for them
+    are not repeated per folder on the console (the outage is told once)."""
     if folder.held:
         event("INFO", "%s: held — %s", display(folder.name), folder.held)
         alerts.notify("held", folder.name, f"{display(folder.name)} held: {folder.held}")
@@ -171,6 +174,9 @@ def finish(folder: Folder, settings: Settings, journal: Journal, verifier: Verif
         event("INFO", "%s: left for retry: %s", display(os.path.relpath(path, settings.import_dir)),
               why, level=logging.DEBUG)  # every file, in the JSON logs
     for why, paths in by_reason.items():
+        if quiet and all(any(part.startswith(f"not yet at {label}:") for label in quiet)
+                         for part in why.split("; ")):
+            continue  # every file in the JSON log above; the console has the outage's story
         first = display(os.path.relpath(paths[0], settings.import_dir))
         if len(paths) == 1:
             warn("%s: left for retry: %s", first, why)

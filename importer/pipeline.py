@@ -47,6 +47,8 @@ class BatchReport:
     folders: list[Folder] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
     busy: list[str] = field(default_factory=list)
+    reached: set[str] = field(default_factory=set)  # destinations that answered a send
+    unreachable: dict[str, str] = field(default_factory=dict)  # took no association: why
 
     @property
     def exit_code(self) -> int:
@@ -56,12 +58,16 @@ class BatchReport:
 
 
 def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
-              only: set[str] | None = None, noted_writing: set[str] | None = None) -> BatchReport:
+              only: set[str] | None = None, noted_writing: set[str] | None = None,
+              down: dict[str, str] | None = None) -> BatchReport:
     """Process every patient folder in the import dir once (or only the named ones).
 
     Only settled files are taken: see share.py. noted_writing (watch) holds the files
     already reported as still being written, so each is reported once, not every period.
+    down (watch): destinations known to be down (name -> since when, in words): not tried,
+    and what waits for them is not repeated per folder (outage.py tells that story).
     """
+    down = down or {}
     report = BatchReport()
     batch_stamp = time.strftime("%Y%m%d_%H%M%S")
     matched, report.unmatched = scan_import_dir(settings)
@@ -123,6 +129,7 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
         journal = Journal(settings.state_dir)
         journal.forget(recovered)
         finished: set[int] = set()
+        quiet = {d.label for d in settings.destinations if d.name in down}
 
         def finish_done(under_way: list[tuple[list[Folder], list[Future[None]]]],
                         wait: bool = False) -> list[tuple[list[Folder], list[Future[None]]]]:
@@ -132,7 +139,7 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
             for chunk, work in under_way:
                 if wait or all(f.done() for f in work):
                     for folder in chunk:
-                        finish(folder, settings, journal, sender.verifier, batch_stamp)
+                        finish(folder, settings, journal, sender.verifier, batch_stamp, quiet)
                         note_writing(folder, settings, noted_writing)
                         folder.forget_files()
                         finished.add(id(folder))
@@ -143,8 +150,8 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
         reconciler: Reconciler | None = None
         try:
             under_way: list[tuple[list[Folder], list[Future[None]]]] = []
-            with Sender(settings, journal) as sender:
-                reconciler = _reconciler(settings, folders, sender.verifier.note_refused)
+            with Sender(settings, journal, down) as sender:
+                reconciler = _reconciler(settings, folders, sender.verifier.note_refused, down)
                 for chunk in _chunks(folders):
                     # Many folders' files per tool call (a tool's start costs more than a
                     # small folder's files), a chunk at a time (memory stays flat in the
@@ -171,11 +178,12 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
             finish_done(under_way, wait=True)
             for folder in folders:  # only files still being written, or the run stopped
                 if id(folder) not in finished:
-                    finish(folder, settings, journal, sender.verifier, batch_stamp)
+                    finish(folder, settings, journal, sender.verifier, batch_stamp, quiet)
                     note_writing(folder, settings, noted_writing)
             for folder in folders:
                 if folder.released is not None and not folder.path.exists():
                     journal.drop_release(folder.name)  # all of it archived
+            report.reached, report.unreachable = sender.reached, sender.unreachable
         finally:
             if reconciler is not None:
                 reconciler.close()
@@ -184,13 +192,13 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
 
 
 def _reconciler(settings: Settings, folders: list[Folder],
-                on_refused: Callable[[Destination, str, str], None] | None = None
-                ) -> Reconciler | None:
+                on_refused: Callable[[Destination, str, str], None] | None = None,
+                down: dict[str, str] | None = None) -> Reconciler | None:
     """Ask what the site knows of every folder's patient ID, from the start of the batch:
     the answers arrive while the first chunks are read (RECONCILE=off: not at all)."""
     if settings.reconcile == "off":
         return None
-    reconciler = Reconciler(settings, on_refused)
+    reconciler = Reconciler(settings, on_refused, down)
     reconciler.ask(folder.patient.id for folder in folders if folder.files)
     return reconciler
 

@@ -131,8 +131,10 @@ class Reconciler:
     folders are listed so that the answers arrive while earlier folders are worked on."""
 
     def __init__(self, settings: Settings,
-                 on_refused: Callable[[Destination, str, str], None] | None = None) -> None:
+                 on_refused: Callable[[Destination, str, str], None] | None = None,
+                 down: dict[str, str] | None = None) -> None:
         self.settings = settings
+        self.down = down or {}  # known to be down (watch): not asked
         self.on_refused = on_refused  # tells the verifier: spares it a probe per study
         self.sources = [d for d in settings.destinations if d.required]
         if settings.reconcile_worklist is not None:
@@ -175,7 +177,8 @@ class Reconciler:
         if not studies:
             return found
         for source in self.sources:
-            if source is self.settings.reconcile_worklist or source.name in self.failed:
+            if (source is self.settings.reconcile_worklist or source.name in self.failed
+                    or source.name in self.down):
                 continue
             query = Query({STUDY_UID: "\\".join(sorted(studies)), PATIENT_ID: ""})
             batch = find_many(source, "STUDY", [query])
@@ -191,6 +194,9 @@ class Reconciler:
         return found
 
     def _query(self, source: Destination, patient_ids: list[str]) -> list[Known]:
+        if source.name in self.down:
+            return [Known(unchecked=f"it is down ({self.down[source.name]})")
+                    for _ in patient_ids]
         if why := self.failed.get(source.name):
             return [Known(unchecked=why) for _ in patient_ids]
         worklist = source is self.settings.reconcile_worklist

@@ -41,9 +41,16 @@ class Sender:
     """Sends folders' verified files to every destination in parallel, a few associations
     each, while the caller stamps the next folder."""
 
-    def __init__(self, settings: Settings, journal: Journal) -> None:
+    def __init__(self, settings: Settings, journal: Journal,
+                 skip: dict[str, str] | None = None) -> None:
         self.settings = settings
         self.journal = journal
+        # Destinations known to be down (watch): not tried; their files wait, quietly.
+        self.skip = skip or {}
+        # What this batch learnt: destinations that answered, and those that took no
+        # association at all (the association-level error).
+        self.reached: set[str] = set()
+        self.unreachable: dict[str, str] = {}
         self.verifier = Verifier(settings, journal)
         workers = sum(d.associations for d in settings.destinations)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="storescu")
@@ -77,6 +84,8 @@ class Sender:
             return begun
         first = self.settings.destinations[0]  # its answers are what progress counts
         for destination in self.settings.destinations:
+            if destination.name in self.skip:
+                continue
             todo: list[SourceFile] = []
             counted: dict[str, str] = {}
             for folder in folders:
@@ -147,6 +156,12 @@ class Sender:
         except (dcmtk.DcmtkMissing, dcmtk.Stopped) as exc:
             results, error = {}, str(exc)
         recorder.flush()
+        answered = bool(recorder.recorded)
+        with self.pace_lock:
+            if answered:
+                self.reached.add(destination.name)
+            elif error:
+                self.unreachable.setdefault(destination.name, error)
         if error:
             warn("%s: %s", destination.label, error)
         unaccepted: dict[str, str] = {}

@@ -26,7 +26,8 @@ from importer.debounce import QuietTimers
 from importer.folders import display, mask_names, parse_folder_name
 from importer.journal import Journal
 from importer.logs import event, warn
-from importer.pipeline import run_batch
+from importer.outage import Outages, duration
+from importer.pipeline import BatchReport, run_batch
 from importer.retention import prune, seconds_until_daily
 from importer.snapshot import list_files, scan_import_dir, warn_unmatched
 from importer.web import StatusPage
@@ -58,6 +59,7 @@ class Watcher:
         self.alerter: alerts.Alerter | None = None
         self.destination_watch = alerts.DestinationWatch(settings.alert_after)
         self.checked_destinations = 0.0
+        self.outages = Outages(settings.probe_interval)
         self.heartbeat = settings.state_dir / "heartbeat"
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stop = False
@@ -81,6 +83,7 @@ class Watcher:
                 self._beat()
                 self._check_destinations()
                 self._check_releases()
+                self._probe_down_destinations()
                 if seconds_until_daily(self.last_prune) == 0:
                     self._prune()
                 audit_period = self.settings.audit_interval_days * 86400.0
@@ -89,9 +92,10 @@ class Watcher:
                     self._audit()
                 timeout = min(HEARTBEAT_SECONDS, max(0.0, next_rescan - time.monotonic()),
                               seconds_until_daily(self.last_prune))
-                pending = self.timers.seconds_until_next()
-                if pending is not None:
-                    timeout = min(timeout, pending)
+                for pending in (self.timers.seconds_until_next(),
+                                self.outages.seconds_until_next()):
+                    if pending is not None:
+                        timeout = min(timeout, pending)
                 self._wait(timeout)
                 if self._stop:
                     break
@@ -166,6 +170,60 @@ class Watcher:
         finally:
             journal.close()
         self.destination_watch.check(known, {d.name: d.label for d in self.settings.destinations})
+
+    # --- destinations that are down (outage.py) -------------------------------------------
+
+    def _note_destinations(self, report: BatchReport) -> None:
+        """One story per outage: a line when a destination goes down, one when it is back."""
+        labels = {d.name: d.label for d in self.settings.destinations if d.required}
+        for name, why in report.unreachable.items():
+            if name in report.reached or name not in labels:
+                continue  # an optional destination never holds a file back
+            was = self.outages.down.get(name)
+            misled = was is not None and was.trying
+            if self.outages.failed(name, why):
+                warn("%s is down: %s; files wait for it, and it is asked by C-ECHO every %d s",
+                     labels[name], why, self.settings.probe_interval)
+            elif misled and self.outages.down[name].misled == 1:
+                warn("%s answers C-ECHO but still takes no files: %s; it is asked less often"
+                     " (next in %d s)", labels[name], why,
+                     self.outages.down[name].next_probe - time.monotonic())
+        for name in report.reached:
+            if (outage := self.outages.reached(name)) is None:
+                continue
+            for folder in outage.folders:  # parked while the probe's batch ran
+                self.timers.hurry(folder)
+            if not outage.trying:
+                event("INFO", "%s takes files again after %s", labels.get(name, name),
+                      duration(time.time() - outage.since))
+
+    def _probe_down_destinations(self) -> None:
+        """C-ECHO each destination that is down when its turn comes; when it answers, every
+        folder waiting for it is due at once (oldest first); an hourly reminder while not."""
+        by_name = {d.name: d for d in self.settings.destinations}
+        for name in self.outages.probes_due():
+            destination = by_name[name]
+            try:
+                answered = dcmtk.echo(destination).exit_code == 0
+            except (dcmtk.DcmtkMissing, dcmtk.Stopped):
+                return
+            outage = self.outages.down[name]
+            folders = self.outages.probed(name, answered)
+            if answered:
+                files = sum(len(list_files(Path(self.root) / f)[0]) for f in folders)
+                event("INFO", "%s answers again after %s: sending %d files in %d folders",
+                      destination.label, duration(time.time() - outage.since), files,
+                      len(folders))
+                for folder in folders:
+                    self.timers.hurry(folder)
+        for name in self.outages.reminders_due():
+            outage = self.outages.down[name]
+            files = sum(len(list_files(Path(self.root) / f)[0]) for f in outage.folders)
+            warn("%s still down since %s (%s): %d files in %d folders wait for it; last: %s",
+                 by_name[name].label, time.strftime("%Y-%m-%d %H:%M",
+                                                    time.localtime(outage.since)),
+                 duration(time.time() - outage.since), files, len(outage.folders),
+                 outage.reason)
 
     def _watch_releases(self) -> None:
         """`importer release` writes to the held folder's note: seen at once."""
@@ -329,10 +387,20 @@ class Watcher:
         for name in names:
             event("Waiter", "Quiet for %d s: processing %s", self.settings.delay,
                   self._label(name))
+        required = {d.name for d in self.settings.destinations if d.required}
+        if self.outages.waits_only_for_down(required):
+            # Nowhere to send them: they wait for the first destination that answers, without
+            # a batch (and its lines) per folder per retry.
+            for name in self.outages.down:
+                self.outages.park(name, names)
+            return
+        down = {name: f"down since {time.strftime('%H:%M', time.localtime(o.since))}"
+                for name, o in self.outages.unavailable().items()}
         with logs.batch_log(self.settings.log_dir):
             try:
                 report = run_batch(self.settings, quiet_unmatched=self.quiet_unmatched,
-                                   only=set(names), noted_writing=self.noted_writing)
+                                   only=set(names), noted_writing=self.noted_writing,
+                                   down=down)
             except dcmtk.Stopped:
                 return
             except (OSError, dcmtk.DcmtkMissing) as exc:
@@ -344,6 +412,7 @@ class Watcher:
         # Events queued while the batch ran are mostly our own renames; what really arrived
         # meanwhile is found by the scan below, which runs after this drain.
         self.handle_events(self.inotify.read(timeout=0), ignore=frozenset(names))
+        self._note_destinations(report)
         for name in names:
             newest, fingerprint = scan_folder(Path(self.root) / name)
             folder = next((f for f in report.folders if f.name == name), None)
@@ -351,6 +420,11 @@ class Watcher:
             if newest is None:
                 self.retrying.discard(name)
                 self.timers.succeeded(name)
+            elif folder is not None and folder.pending and self.outages.down:
+                # It waits for a destination that is down: due again when that answers.
+                self.retrying.add(name)
+                for down_name in self.outages.down:
+                    self.outages.park(down_name, [name])
             elif name in report.busy or (folder is not None and folder.pending):
                 self.retrying.add(name)
                 wait = self.timers.failed(name)
