@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
-import importlib.metadata
 import os
 import shutil
 import time
@@ -21,22 +19,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from importer import dcmtk, logs, progress
+from importer.charsets import UTF8_CHARSETS, has_un, stage_copies
 from importer.config import Settings
 from importer.folders import Patient, display
 from importer.logs import event
 from importer.model import Folder, SourceFile, folder_hash, identity_label
+from importer.provenance import by_provenance
 from importer.share import Identity, changed_since, identity
 
 WORK_DIR_NAME = ".importer-work"
-UTF8_CHARSETS = ("", "ISO_IR 6", "ISO_IR 192")
-# Korean in the wild: (0008,0005) says "ISO_IR 149" (or "ISO 2022 IR 149" as value 1), which
-# DCMTK refuses. Both name KS X 1001, which DICOM only defines with code extensions, as
-# "\ISO 2022 IR 149". A working copy is relabelled so and converted; dcmconv then accepts
-# exactly the text that carries the ESC $ ) C designation DICOM requires before Korean in
-# every value/component, and fails loudly (the file is quarantined) on plain EUC-KR.
-RELABEL_CHARSETS = {"ISO_IR 149": "\\ISO 2022 IR 149", "ISO 2022 IR 149": "\\ISO 2022 IR 149"}
-
-
 # The read-back of a stamped file: its identity, and the provenance item it gained.
 CHECKED_TAGS = (dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME, dcmtk.CHARSET, dcmtk.ORIGINAL_ATTRIBUTES)
 
@@ -60,44 +51,6 @@ def stamp(folders: list[Folder], dumps: dict[str, dcmtk.Dump], settings: Setting
         _stamp_in_place(in_place, dumps, settings, when)
 
 
-def _provenance(values: dict[str, str], patient: Patient,
-                when: str) -> tuple[tuple[str, ...], int]:
-    """The dcmodify arguments that keep what the stamp changes of this file (its original
-    PatientID and PatientName, only those that differ), and the item count the file's
-    Original Attributes Sequence must have afterwards (0: nothing to keep)."""
-    originals = [(tag, values.get(tag) or "") for tag, new in
-                 ((dcmtk.PATIENT_ID, patient.id), (dcmtk.PATIENT_NAME, patient.name))
-                 if values.get(tag) != new]
-    if not originals:
-        return (), 0
-    items = int(values.get(dcmtk.ORIGINAL_ATTRIBUTES) or 0)
-    return tuple(dcmtk.original_attributes_args(items, originals, when, modifying_system())), \
-        items + 1
-
-
-@functools.cache
-def modifying_system() -> str:
-    """Modifying System (0400,0563): this program and its version."""
-    try:
-        return f"dicom-importer {importlib.metadata.version('dicom-importer')}"
-    except importlib.metadata.PackageNotFoundError:
-        return "dicom-importer"
-
-
-def _by_provenance(files: Iterable[tuple[str, dict[str, str]]], patient: Patient,
-                   when: str) -> tuple[dict[tuple[str, ...], list[str]], dict[str, int]]:
-    """Files (path, original values) grouped by the provenance their stamp adds (files with
-    the same original identity share one dcmodify), and path -> the item count expected."""
-    groups: dict[tuple[str, ...], list[str]] = {}
-    expected: dict[str, int] = {}
-    for path, values in files:
-        args, items = _provenance(values, patient, when)
-        groups.setdefault(args, []).append(path)
-        if items:
-            expected[path] = items
-    return groups, expected
-
-
 def _sort(folder: Folder, dumps: dict[str, dcmtk.Dump],
           settings: Settings) -> tuple[list[SourceFile], list[SourceFile], bool]:
     """Files already stamped become ready; the others go in place, or (a character-set
@@ -115,7 +68,7 @@ def _sort(folder: Folder, dumps: dict[str, dcmtk.Dump],
     in_place, via_copy = [], []
     for source in to_stamp:
         charset = dumps[source.path].values.get(dcmtk.CHARSET, "")
-        plain = (not utf8 or charset in UTF8_CHARSETS) and not _has_un(dumps[source.path])
+        plain = (not utf8 or charset in UTF8_CHARSETS) and not has_un(dumps[source.path])
         (in_place if plain and not os.path.lexists(source.path + ".bak") else via_copy).append(
             source)
     return in_place, via_copy, utf8
@@ -135,7 +88,7 @@ def _stamp_in_place(work: list[tuple[Folder, list[SourceFile], bool]],
         jobs: list[tuple[int, list[str], Patient, bool, tuple[str, ...]]] = []
         expected: dict[str, int] = {}
         for index, (folder, files, utf8) in enumerate(work):
-            groups, items = _by_provenance(((f.path, dumps[f.path].values) for f in files),
+            groups, items = by_provenance(((f.path, dumps[f.path].values) for f in files),
                                            folder.patient, when)
             expected |= items
             jobs += [(index, paths, folder.patient, utf8, args) for args, paths in groups.items()]
@@ -188,9 +141,9 @@ def _stamp_copies(folder: Folder, files: list[SourceFile], dumps: dict[str, dcmt
     shutil.rmtree(work, ignore_errors=True)  # leftovers of a crashed run: copies only
     work.mkdir(parents=True)
     try:
-        copies = _stage_copies(folder, files, dumps, work, utf8)
+        copies = stage_copies(folder, files, dumps, work, utf8)
         staged = dcmtk.dump_tags(list(copies), CHECKED_TAGS)
-        groups, expected = _by_provenance(
+        groups, expected = by_provenance(
             ((copy, (staged[copy] if not staged[copy].error
                      else dumps[source.path]).values) for copy, source in copies.items()),
             folder.patient, when)
@@ -287,90 +240,10 @@ def recover_interrupted_stamp(settings: Settings, folder_name: str) -> int:
     return restored
 
 
-def _stage_copies(folder: Folder, to_stamp: list[SourceFile], dumps: dict[str, dcmtk.Dump],
-                  work: Path, utf8: bool) -> dict[str, SourceFile]:
-    """Copies to stamp (dcmodify -nb rewrites in place; the original must survive a crash).
-
-    For a non-ASCII name, a file in another character set becomes UTF-8 first (dcmconv +U8,
-    in parallel); one labelled with a term DCMTK does not know (RELABEL_CHARSETS) is
-    relabelled on a copy first. A file that cannot be converted is quarantined, never sent.
-    """
-    copies: dict[str, SourceFile] = {}
-    conversions: list[tuple[SourceFile, str, str, str]] = []  # source, dcmconv input, copy, set
-    to_relabel: dict[str, list[str]] = {}  # standard term -> copies to relabel with it
-    for index, source in enumerate(to_stamp):
-        copy = str(work / f"{index}.dcm")
-        charset = dumps[source.path].values.get(dcmtk.CHARSET, "")
-        if _has_un(dumps[source.path]):
-            run = dcmtk.convert_un(source.path, copy)  # then stamped as it is
-            if run.exit_code == 0 and os.path.exists(copy):
-                copies[copy] = source
-            else:
-                folder.to_quarantine[source.path] = (
-                    f"its patient tags are encoded as UN and dcmconv +uc could not give them"
-                    f" their real VR (exit {run.exit_code}: {run.said()})")
-            continue
-        if not utf8 or charset in UTF8_CHARSETS:
-            target = copy  # stamped as it is
-        elif charset in RELABEL_CHARSETS:
-            target = str(work / f"{index}.relabelled.dcm")
-        else:
-            conversions.append((source, source.path, copy, charset))
-            continue
-        try:
-            shutil.copyfile(source.path, target)
-        except OSError as exc:
-            folder.pending[source.path] = f"cannot make a working copy: {exc.strerror}"
-            continue
-        if target == copy:
-            copies[copy] = source
-        else:
-            to_relabel.setdefault(RELABEL_CHARSETS[charset], []).append(target)
-            conversions.append((source, target, copy, charset))
-    for standard, paths in to_relabel.items():
-        dcmtk.set_charset(paths, standard)  # the conversion below is the verdict
-    if not conversions:
-        return copies
-    converted: dict[str, SourceFile] = {}
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        runs = pool.map(lambda c: dcmtk.convert_to_utf8(c[1], c[2]), conversions)
-        for (source, given, copy, charset), run in zip(conversions, runs, strict=True):
-            if given != source.path:
-                with contextlib.suppress(OSError):
-                    os.unlink(given)
-            if run.exit_code == 0 and os.path.exists(copy):
-                converted[copy] = source
-                continue
-            why = (f"cannot convert character set {charset!r} to UTF-8 for the non-ASCII "
-                   f"name (dcmconv +U8 exit {run.exit_code}: {run.said()})")
-            if given != source.path:
-                why += (f"; DICOM has no {charset!r} (Korean is only defined as a code "
-                        f"extension), so it was tried as {RELABEL_CHARSETS[charset]!r}: typically "
-                        "its Korean text is plain EUC-KR without the ESC $ ) C escape sequence "
-                        "DICOM requires before Korean in each value and name component. Fix "
-                        "the file at its source, or import it under an ASCII folder name "
-                        "(then its text is sent as it is, in its own character set)")
-            folder.to_quarantine[source.path] = why
-    # Not the exit code's word: the stamp adds ISO_IR 192 anyway, so check it is dcmconv's.
-    for copy, dump in dcmtk.dump_tags(list(converted), (dcmtk.CHARSET,)).items():
-        if dump.error or dump.values.get(dcmtk.CHARSET) != "ISO_IR 192":
-            folder.to_quarantine[converted[copy].path] = (
-                "dcmconv +U8 did not leave a UTF-8 file: "
-                + (dump.error or f"SpecificCharacterSet is {dump.values.get(dcmtk.CHARSET)!r}"))
-        else:
-            copies[copy] = converted[copy]
-    return copies
-
-
-def _has_un(dump: dcmtk.Dump) -> bool:
-    """Identity or character set encoded as UN (explicit VR, as some anonymisers write)."""
-    return not dump.un_tags.isdisjoint((dcmtk.PATIENT_ID, dcmtk.PATIENT_NAME, dcmtk.CHARSET))
-
-
 def _identity_problem(dump: dcmtk.Dump, patient: Patient, utf8: bool) -> str | None:
     if dump.error:
         return f"unreadable after stamping: {dump.error}"
-    if _has_un(dump):
+    if has_un(dump):
         return "its patient tags are encoded as UN"
     values = dump.values
     if values.get(dcmtk.PATIENT_ID) != patient.id:

@@ -19,24 +19,21 @@ from pathlib import Path
 
 from inotify_simple import INotify, flags
 
-from importer import alerts, dcmtk, logs
-from importer.audit import audit_all
+from importer import dcmtk, logs
 from importer.config import Settings
 from importer.debounce import QuietTimers
+from importer.downtime import Downtime
 from importer.folders import display, mask_names, parse_folder_name
 from importer.journal import Journal
 from importer.logs import event, warn
-from importer.outage import Outages, duration
-from importer.pipeline import BatchReport, run_batch
-from importer.retention import prune, seconds_until_daily
+from importer.pipeline import run_batch
 from importer.snapshot import list_files, scan_import_dir, warn_unmatched
-from importer.web import StatusPage
+from importer.upkeep import HEARTBEAT_SECONDS, Upkeep
 
 # MODIFY too: a long write shows only MODIFY events between CREATE and CLOSE_WRITE, and a
 # quiet period must not run out in the middle of it. Events cost no log line.
 WATCH_MASK = (flags.CREATE | flags.MOVED_TO | flags.CLOSE_WRITE | flags.MODIFY
               | flags.MOVED_FROM | flags.DELETE | flags.DELETE_SELF)
-HEARTBEAT_SECONDS = 30.0
 
 
 class Watcher:
@@ -53,14 +50,8 @@ class Watcher:
         self.held_watch: int | None = None  # inotify on STATE_DIR/held: releases
         self.retrying: set[str] = set()
         self.noted_writing: set[str] = set()  # files already reported as still being written
-        self.last_prune: float | None = None
-        self.last_audit = time.monotonic()  # the first audit one interval after start
-        self.page: StatusPage | None = None
-        self.alerter: alerts.Alerter | None = None
-        self.destination_watch = alerts.DestinationWatch(settings.alert_after)
-        self.checked_destinations = 0.0
-        self.outages = Outages(settings.probe_interval)
-        self.heartbeat = settings.state_dir / "heartbeat"
+        self.upkeep = Upkeep(settings)  # heartbeat, status page, alerts, prune, audit
+        self.downtime = Downtime(settings, self.timers.hurry)  # destinations that are down
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stop = False
 
@@ -74,26 +65,19 @@ class Watcher:
         try:
             event("Watcher", "Watching %s (DELAY %d s, rescan every %d s)", self.root,
                   self.settings.delay, self.rescan_seconds)
-            self._start_operator_views()
+            self.upkeep.start()
             self._watch_releases()
             self._add_tree(self.root)
             self.rescan(startup=True)
             next_rescan = time.monotonic() + self.rescan_seconds
             while not self._stop:
-                self._beat()
-                self._check_destinations()
+                self.upkeep.tick()
                 self._check_releases()
-                self._probe_down_destinations()
-                if seconds_until_daily(self.last_prune) == 0:
-                    self._prune()
-                audit_period = self.settings.audit_interval_days * 86400.0
-                if audit_period and seconds_until_daily(self.last_audit,
-                                                        period=audit_period) == 0:
-                    self._audit()
-                timeout = min(HEARTBEAT_SECONDS, max(0.0, next_rescan - time.monotonic()),
-                              seconds_until_daily(self.last_prune))
+                self.downtime.probe()
+                timeout = min(self.upkeep.seconds_until_next(),
+                              max(0.0, next_rescan - time.monotonic()))
                 for pending in (self.timers.seconds_until_next(),
-                                self.outages.seconds_until_next()):
+                                self.downtime.seconds_until_next()):
                     if pending is not None:
                         timeout = min(timeout, pending)
                 self._wait(timeout)
@@ -107,10 +91,7 @@ class Watcher:
                 if due:
                     self._process(due)
         finally:
-            if self.page is not None:
-                self.page.stop()
-            if self.alerter is not None:
-                self.alerter.stop()
+            self.upkeep.stop()
             signal.set_wakeup_fd(old_wakeup)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -124,106 +105,6 @@ class Watcher:
             event("Watcher", "%s received: stopping", signal.Signals(signum).name)
         self._stop = True
         dcmtk.request_stop()
-
-    def _prune(self) -> None:
-        """Daily retention (replaces the old host cron lines)."""
-        self.last_prune = time.monotonic()
-        try:
-            removed = prune(self.settings, dry_run=False)
-        except OSError as exc:
-            warn("Pruning old logs and archives failed: %s", exc)
-            return
-        for result in removed:
-            item = result.item
-            if result.problem:
-                warn("Could not prune all of %s %s: %s", item.kind, item.path, result.problem)
-            elif len(result.kept) < max(1, len(result.folders)):
-                event("INFO", "Pruned %s %s (%d days old)", item.kind, item.path, item.age_days)
-        unchecked = [why for result in removed for _folder, why in result.unchecked]
-        if unchecked:
-            event("INFO", "%d archived folders pruned without asking a PACS: %s",
-                  len(unchecked), unchecked[0])
-
-    def _start_operator_views(self) -> None:
-        """The status page (STATUS_LISTEN) and alerts (ALERT_WEBHOOK), apart from this loop."""
-        self.alerter = alerts.configure(self.settings)
-        if self.settings.status_listen is not None:
-            try:
-                self.page = StatusPage(self.settings)
-            except OSError as exc:
-                warn("Status page: cannot listen on %s:%d: %s", *self.settings.status_listen,
-                     exc.strerror)
-                return
-            self.page.start()
-            event("Watcher", "Status page on %s", self.page.url)
-
-    def _check_destinations(self) -> None:
-        """A destination failing for longer than ALERT_AFTER, or back: an alert."""
-        if self.alerter is None or time.monotonic() - self.checked_destinations < 30:
-            return
-        self.checked_destinations = time.monotonic()
-        if not (self.settings.state_dir / "journal.sqlite3").exists():
-            return
-        journal = Journal(self.settings.state_dir)
-        try:
-            known = journal.destinations()
-        finally:
-            journal.close()
-        self.destination_watch.check(known, {d.name: d.label for d in self.settings.destinations})
-
-    # --- destinations that are down (outage.py) -------------------------------------------
-
-    def _note_destinations(self, report: BatchReport) -> None:
-        """One story per outage: a line when a destination goes down, one when it is back."""
-        labels = {d.name: d.label for d in self.settings.destinations if d.required}
-        for name, why in report.unreachable.items():
-            if name in report.reached or name not in labels:
-                continue  # an optional destination never holds a file back
-            was = self.outages.down.get(name)
-            misled = was is not None and was.trying
-            if self.outages.failed(name, why):
-                warn("%s is down: %s; files wait for it, and it is asked by C-ECHO every %d s",
-                     labels[name], why, self.settings.probe_interval)
-            elif misled and self.outages.down[name].misled == 1:
-                warn("%s answers C-ECHO but still takes no files: %s; it is asked less often"
-                     " (next in %d s)", labels[name], why,
-                     self.outages.down[name].next_probe - time.monotonic())
-        for name in report.reached:
-            if (outage := self.outages.reached(name)) is None:
-                continue
-            for folder in outage.folders:  # parked while the probe's batch ran
-                self.timers.hurry(folder)
-            if not outage.trying:
-                event("INFO", "%s takes files again after %s", labels.get(name, name),
-                      duration(time.time() - outage.since))
-
-    def _probe_down_destinations(self) -> None:
-        """C-ECHO each destination that is down when its turn comes; when it answers, every
-        folder waiting for it is due at once (oldest first); an hourly reminder while not."""
-        by_name = {d.name: d for d in self.settings.destinations}
-        for name in self.outages.probes_due():
-            destination = by_name[name]
-            try:
-                answered = dcmtk.echo(destination).exit_code == 0
-            except (dcmtk.DcmtkMissing, dcmtk.Stopped):
-                return
-            outage = self.outages.down[name]
-            folders = self.outages.probed(name, answered)
-            if answered:
-                files = sum(len(list_files(Path(self.root) / f)[0]) for f in folders)
-                event("INFO", "%s answers again after %s: sending %d files in %d folders",
-                      destination.label, duration(time.time() - outage.since), files,
-                      len(folders))
-                for folder in folders:
-                    self.timers.hurry(folder)
-        for name in self.outages.reminders_due():
-            outage = self.outages.down[name]
-            files = sum(len(list_files(Path(self.root) / f)[0]) for f in outage.folders)
-            warn("%s still down since %s (%s): %d files in %d folders wait for it; last: %s",
-                 by_name[name].label, time.strftime("%Y-%m-%d %H:%M",
-                                                    time.localtime(outage.since)),
-                 duration(time.time() - outage.since), files, len(outage.folders),
-                 outage.reason)
 
     def _watch_releases(self) -> None:
         """`importer release` writes to the held folder's note: seen at once."""
@@ -249,22 +130,6 @@ class Watcher:
             del self.seen[name]
             event("Waiter", "%s was released: processing it", self._label(name))
             self._touch(name, at=time.monotonic() - self.settings.delay)
-
-    def _audit(self) -> None:
-        """Every AUDIT_INTERVAL_DAYS: does each PACS still hold every archived instance?"""
-        self.last_audit = time.monotonic()
-        found = audit_all(self.settings)
-        lacking = [result for result in found if not result.intact]
-        for result in lacking:
-            warn("Audit: %s: %s", result.folder, result.may_delete("auto")[1])
-        event("INFO", "Audit: %d archived folders, %d with instances missing at a PACS",
-              len(found), len(lacking))
-
-    def _beat(self) -> None:
-        try:
-            self.heartbeat.touch()
-        except OSError as exc:
-            warn("Cannot touch heartbeat %s: %s", self.heartbeat, exc.strerror)
 
     # --- waiting and events ---------------------------------------------------------------
 
@@ -387,20 +252,16 @@ class Watcher:
         for name in names:
             event("Waiter", "Quiet for %d s: processing %s", self.settings.delay,
                   self._label(name))
-        required = {d.name for d in self.settings.destinations if d.required}
-        if self.outages.waits_only_for_down(required):
-            # Nowhere to send them: they wait for the first destination that answers, without
-            # a batch (and its lines) per folder per retry.
-            for name in self.outages.down:
-                self.outages.park(name, names)
+        if self.downtime.nowhere_to_send():
+            # They wait for the first destination that answers, without a batch (and its
+            # lines) per folder per retry.
+            self.downtime.park(names)
             return
-        down = {name: f"down since {time.strftime('%H:%M', time.localtime(o.since))}"
-                for name, o in self.outages.unavailable().items()}
         with logs.batch_log(self.settings.log_dir):
             try:
                 report = run_batch(self.settings, quiet_unmatched=self.quiet_unmatched,
                                    only=set(names), noted_writing=self.noted_writing,
-                                   down=down)
+                                   down=self.downtime.unavailable())
             except dcmtk.Stopped:
                 return
             except (OSError, dcmtk.DcmtkMissing) as exc:
@@ -412,7 +273,7 @@ class Watcher:
         # Events queued while the batch ran are mostly our own renames; what really arrived
         # meanwhile is found by the scan below, which runs after this drain.
         self.handle_events(self.inotify.read(timeout=0), ignore=frozenset(names))
-        self._note_destinations(report)
+        self.downtime.after_batch(report)
         for name in names:
             newest, fingerprint = scan_folder(Path(self.root) / name)
             folder = next((f for f in report.folders if f.name == name), None)
@@ -420,11 +281,10 @@ class Watcher:
             if newest is None:
                 self.retrying.discard(name)
                 self.timers.succeeded(name)
-            elif folder is not None and folder.pending and self.outages.down:
+            elif folder is not None and folder.pending and self.downtime.any_down():
                 # It waits for a destination that is down: due again when that answers.
                 self.retrying.add(name)
-                for down_name in self.outages.down:
-                    self.outages.park(down_name, [name])
+                self.downtime.park([name])
             elif name in report.busy or (folder is not None and folder.pending):
                 self.retrying.add(name)
                 wait = self.timers.failed(name)
