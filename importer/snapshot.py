@@ -92,12 +92,19 @@ def folder_lock(settings: Settings, name: str) -> Iterator[bool]:
         os.close(fd)
 
 
-def set_aside_unsettled(folder: Folder, settle: SettleCheck) -> None:
-    """Files something may still be writing wait for the folder's next quiet period."""
-    unsettled = settle.unsettled((f.path, f.ident) for f in folder.files)
-    if unsettled:
-        folder.writing.update({p: f"still being written: {why}" for p, why in unsettled.items()})
-        folder.files = [f for f in folder.files if f.path not in unsettled]
+def set_aside_unsettled(folder: Folder, settle: SettleCheck, *,
+                        ask_young: bool = False) -> list[SourceFile]:
+    """Files something may still be writing wait for the folder's next quiet period.
+
+    With ask_young (run-once), returns those of them kept back by their age alone, which
+    may be waited for."""
+    unsettled = settle.unsettled(((f.path, f.ident) for f in folder.files), ask_young=ask_young)
+    if not unsettled:
+        return []
+    folder.writing.update({p: f"still being written: {u.why}" for p, u in unsettled.items()})
+    young = [f for f in folder.files if (u := unsettled.get(f.path)) and u.by_age_alone]
+    folder.files = [f for f in folder.files if f.path not in unsettled]
+    return young
 
 
 def unchanged(folder: Folder, files: list[SourceFile], when: str) -> list[SourceFile]:
