@@ -117,7 +117,7 @@ def run_once(dry_run: bool, verbose: bool, **flags: Any) -> None:
     with logs.batch_log(None if dry_run else settings.log_dir), Progress() as live:
         activate(live)
         try:
-            report = run_batch(settings)
+            report = run_batch(settings, wait_for_settle=True)
         except Stopped:
             sys.exit(1)
         except OSError as exc:

@@ -24,7 +24,7 @@ from importer.finish import finish, note_writing, recover, recover_elsewhere
 from importer.folders import display
 from importer.journal import Journal
 from importer.logs import event, warn
-from importer.model import Folder, identity_label
+from importer.model import Folder, SourceFile, identity_label
 from importer.reconcile import Reconciler, reconcile
 from importer.release import apply_release, held_note, keep_covered
 from importer.send import Sender
@@ -35,6 +35,7 @@ from importer.snapshot import (
     scan_import_dir,
     set_aside_unsettled,
     unchanged,
+    wait_for_settling,
     warn_unmatched,
 )
 from importer.sniff import OTHER, count_words
@@ -59,13 +60,16 @@ class BatchReport:
 
 def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
               only: set[str] | None = None, noted_writing: set[str] | None = None,
-              down: dict[str, str] | None = None) -> BatchReport:
+              down: dict[str, str] | None = None,
+              wait_for_settle: bool = False) -> BatchReport:
     """Process every patient folder in the import dir once (or only the named ones).
 
     Only settled files are taken: see share.py. noted_writing (watch) holds the files
     already reported as still being written, so each is reported once, not every period.
     down (watch): destinations known to be down (name -> since when, in words): not tried,
     and what waits for them is not repeated per folder (outage.py tells that story).
+    wait_for_settle (run-once, started right after a copy): files kept back only by their
+    age, which nobody is writing, are waited for once and taken in this batch.
     """
     down = down or {}
     report = BatchReport()
@@ -83,6 +87,7 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
         if not settings.dry_run:
             recover_elsewhere(settings, {name for name, _ in matched}, recovered)
         settle = SettleCheck(settings.settle_seconds)
+        young: list[tuple[Folder, SourceFile]] = []
         for name, patient in matched:
             if not locks.enter_context(folder_lock(settings, name)):
                 event("INFO", "%s is being processed by another importer; skipped", display(name))
@@ -96,11 +101,15 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
                 warn("%s/%s: %s (left in place)", display(name), display(rel), why)
             # Its clock restarts after the recovery above: the originals it put back did
             # not change "after now".
-            set_aside_unsettled(folder, settle.from_now())
+            young += ((folder, f) for f in set_aside_unsettled(folder, settle.from_now(),
+                                                               ask_young=wait_for_settle))
             if folder.files or folder.writing:
                 folders.append(folder)
-                progress.folder(name, len(folder.files))
         report.folders = folders
+        wait_for_settling(young, settle)
+        del young
+        for folder in folders:
+            progress.folder(folder.name, len(folder.files))
         if not folders:
             return report
 

@@ -125,6 +125,15 @@ def _comm(pid: int) -> str:
         return "?"
 
 
+@dataclass(frozen=True, slots=True)
+class Unsettled:
+    """Why a file is not taken now; by_age_alone: only its age keeps it back (nobody is
+    writing it, as far as the lease and /proc can tell), so waiting it out may be enough."""
+
+    why: str
+    by_age_alone: bool = False
+
+
 class SettleCheck:
     """Tells which files are still being written. Build one per folder check: the /proc
     walk is done at most once, and only when a lease could not tell for some file."""
@@ -142,11 +151,28 @@ class SettleCheck:
 
     def why_unsettled(self, path: str, ident: Identity | None) -> str | None:
         """Why path must not be taken now (None: settled)."""
+        found = self.judge(path, ident)
+        return None if found is None else found.why
+
+    def judge(self, path: str, ident: Identity | None, *,
+              ask_young: bool = False) -> Unsettled | None:
+        """Why path must not be taken now (None: settled). With ask_young (run-once), a file
+        kept back by its age is asked about writers too, so that one nobody is writing can
+        be waited for; watch does not ask (its quiet period waits anyway)."""
         if ident is None:
-            return "vanished while being looked at"
+            return Unsettled("vanished while being looked at")
         age = self.now - ident.changed_at()
         if age < self.settle_seconds:
-            return f"changed {max(age, 0):.1f} s ago (SETTLE_SECONDS {self.settle_seconds:g})"
+            if ask_young and (writer := self._writer(path, ident)) is not None:
+                return Unsettled(writer)
+            return Unsettled(
+                f"changed {max(age, 0):.1f} s ago (SETTLE_SECONDS {self.settle_seconds:g})",
+                by_age_alone=ask_young)
+        writer = self._writer(path, ident)
+        return None if writer is None else Unsettled(writer)
+
+    def _writer(self, path: str, ident: Identity) -> str | None:
+        """Who holds path open for writing, as far as the lease or /proc can tell."""
         lease = open_for_writing(path)
         if lease:
             return "open for writing by another process"
@@ -157,9 +183,10 @@ class SettleCheck:
                 return f"open for writing by {writer}"
         return None
 
-    def unsettled(self, files: Iterable[tuple[str, Identity | None]]) -> dict[str, str]:
-        return {path: why for path, ident in files
-                if (why := self.why_unsettled(path, ident)) is not None}
+    def unsettled(self, files: Iterable[tuple[str, Identity | None]], *,
+                  ask_young: bool = False) -> dict[str, Unsettled]:
+        return {path: found for path, ident in files
+                if (found := self.judge(path, ident, ask_young=ask_young)) is not None}
 
 
 def changed_since(path: str, recorded: Identity) -> str | None:

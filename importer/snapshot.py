@@ -7,14 +7,16 @@ import contextlib
 import fcntl
 import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from importer import dcmtk
 from importer.config import Settings
 from importer.folders import Patient, display, parse_folder_name
-from importer.logs import warn
+from importer.logs import event, warn
 from importer.model import Folder, SourceFile, folder_hash
-from importer.share import Identity, SettleCheck, changed_since
+from importer.share import Identity, SettleCheck, changed_since, identity
 
 
 def scan_import_dir(settings: Settings) -> tuple[list[tuple[str, Patient]], list[str]]:
@@ -92,12 +94,61 @@ def folder_lock(settings: Settings, name: str) -> Iterator[bool]:
         os.close(fd)
 
 
-def set_aside_unsettled(folder: Folder, settle: SettleCheck) -> None:
-    """Files something may still be writing wait for the folder's next quiet period."""
-    unsettled = settle.unsettled((f.path, f.ident) for f in folder.files)
-    if unsettled:
-        folder.writing.update({p: f"still being written: {why}" for p, why in unsettled.items()})
-        folder.files = [f for f in folder.files if f.path not in unsettled]
+def set_aside_unsettled(folder: Folder, settle: SettleCheck, *,
+                        ask_young: bool = False) -> list[SourceFile]:
+    """Files something may still be writing wait for the folder's next quiet period.
+
+    With ask_young (run-once), returns those of them kept back by their age alone, which
+    wait_for_settling may still take in this run."""
+    unsettled = settle.unsettled(((f.path, f.ident) for f in folder.files), ask_young=ask_young)
+    if not unsettled:
+        return []
+    folder.writing.update({p: f"still being written: {u.why}" for p, u in unsettled.items()})
+    young = [f for f in folder.files if (u := unsettled.get(f.path)) and u.by_age_alone]
+    folder.files = [f for f in folder.files if f.path not in unsettled]
+    return young
+
+
+def wait_for_settling(young: list[tuple[Folder, SourceFile]], settle: SettleCheck) -> None:
+    """run-once right after a copy: files nobody is writing, kept back only by their age,
+    are waited for once for the whole batch (until the youngest has settled, never longer
+    than SETTLE_SECONDS), then taken if they are still exactly what was listed and still
+    nobody writes them. The others stay for the next run, as before.
+
+    Raises dcmtk.Stopped if the importer is told to stop during the wait."""
+    if not young:
+        return
+    seconds = settle.settle_seconds
+    # A hair more than the youngest needs (the wall clock against the timer's), but never
+    # more than SETTLE_SECONDS (a network mount's clock ahead of ours).
+    youngest = max(f.ident.changed_at() for _, f in young)
+    left = min(seconds, youngest + seconds - time.time() + 0.05)
+    if left > 0:
+        files = f"{len(young)} files" if len(young) != 1 else "1 file"
+        event("INFO", "%s changed less than %g s ago and nobody is writing them: "
+              "waiting %.1f s for them to settle", files, seconds, left)
+        if dcmtk.stop_requested(left):
+            raise dcmtk.Stopped
+    settle.from_now()
+    taken: dict[int, tuple[Folder, list[SourceFile]]] = {}
+    for folder, source in young:
+        now = identity(source.path)
+        if now != source.ident:
+            why = "vanished" if now is None else "changed"
+            folder.writing[source.path] = f"still being written: {why} while waiting to settle"
+        elif (found := settle.judge(source.path, now)) is not None:
+            folder.writing[source.path] = f"still being written: {found.why}"
+        else:
+            del folder.writing[source.path]
+            taken.setdefault(id(folder), (folder, []))[1].append(source)
+    for folder, back in taken.values():
+        folder.files = sorted([*folder.files, *back], key=_listing_order)
+
+
+def _listing_order(source: SourceFile) -> tuple[tuple[str, ...], str]:
+    """list_files' order (os.walk, sorted: a directory's files before its subdirectories)."""
+    *dirs, name = source.rel.split(os.sep)
+    return tuple(dirs), name
 
 
 def unchanged(folder: Folder, files: list[SourceFile], when: str) -> list[SourceFile]:

@@ -138,25 +138,6 @@ def test_run_once_during_a_copy_leaves_the_file_and_sends_it_whole_later(
     assert_whole_and_stamped(site, storescp, sources, {f"IM0000{i}.dcm" for i in range(1, 5)})
 
 
-def test_run_once_waits_for_settle_seconds(site: Site, storescp: StoreSCP,
-                                           sources: Path) -> None:
-    """A file finished a moment ago, by a writer that closed it (no lease can see it), waits
-    for SETTLE_SECONDS; after that it is sent. Signal: the file's age."""
-    site.use(storescp)
-    site.env["SETTLE_SECONDS"] = "3"
-    target = site.import_dir / FOLDER
-    target.mkdir()
-    shutil.copy(sources / "IM00001.dcm", target / "IM00001.dcm")
-    result = site.run()
-    assert result.returncode == 1 and "SETTLE_SECONDS 3" in result.stderr, result.stderr
-    assert storescp.received() == []
-    time.sleep(3.2)
-    result = site.run()
-    assert result.returncode == 0, result.stderr
-    storescp.stop()
-    assert_whole_and_stamped(site, storescp, sources, {"IM00001.dcm"})
-
-
 def test_header_only_file_waits_then_is_quarantined_after_the_grace(
         site: Site, storescp: StoreSCP, sources: Path) -> None:
     """A writer that wrote the header, closed the file and never came back: the image
