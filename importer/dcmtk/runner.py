@@ -78,7 +78,9 @@ class Stopped(Exception):
 
 
 _running: dict[int, sh.RunningCommand] = {}
-_running_lock = threading.Lock()
+# Reentrant: request_stop runs in a signal handler, on the main thread, which may be holding
+# it at that very moment (starting a tool).
+_running_lock = threading.RLock()
 _stopping = threading.Event()
 
 
@@ -96,8 +98,17 @@ def request_stop() -> None:
 
 
 def stop_requested(wait: float) -> bool:
-    """Sleep up to wait seconds; True at once if the importer is shutting down."""
-    return _stopping.wait(wait)
+    """Sleep up to wait seconds; True at once if the importer is shutting down.
+
+    On the main thread it polls instead of Event.wait: the signal handler's Event.set runs on
+    that thread too, and would deadlock on the Event's lock if the signal came while wait
+    held it (a SIGTERM during run-once's settle wait hung it, one time in five under load)."""
+    if threading.current_thread() is not threading.main_thread():
+        return _stopping.wait(wait)
+    deadline = time.monotonic() + wait
+    while not _stopping.is_set() and (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 0.05))
+    return _stopping.is_set()
 
 
 @functools.cache
