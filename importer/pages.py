@@ -15,12 +15,14 @@ import html
 import json
 import time
 import urllib.parse
+from pathlib import Path
 from typing import Any
 
-from importer import chart, metrics
+from importer import actions, chart, metrics
 from importer.config import Settings
-from importer.folders import mask_names
+from importer.folders import display, mask_names
 from importer.history import load
+from importer.model import folder_hash
 from importer.receipt import destination_cells, receipt_path
 from importer.status import gather_status
 
@@ -58,7 +60,7 @@ h1,h2,h3,th,.k{{word-break:keep-all;overflow-wrap:normal;hyphens:manual}}
 table{{border-collapse:collapse;width:100%;margin-bottom:1em}}td,th{{border-bottom:1px solid
 #ddd;padding:.3em;text-align:left;vertical-align:top}}td{{overflow-wrap:anywhere}}
 .k{{display:none}}.bad{{color:#b00}}.ok{{color:#070}}.none{{color:#777}}
-code{{overflow-wrap:anywhere}}
+code{{overflow-wrap:anywhere}}.act{{white-space:nowrap}}button{{font:inherit;padding:.4em 1em}}
 @media (max-width:600px){{body{{padding:0 .6em}}table,thead,tbody,tr,td{{display:block}}
 thead{{display:none}}tr{{border:1px solid #ddd;border-radius:6px;margin:.5em 0;
 padding:.3em .6em}}td{{border:0;padding:.15em 0}}.k{{display:block;font-size:.8em;
@@ -96,12 +98,16 @@ def render_page(settings: Settings, token: str = "", now: float | None = None) -
         ["folder", "files", "quiet for", "due in"],
         [[e(f["folder"]), e(f["files"]), e(f"{f['quiet_for_s']} s"), e(f"{f['due_in_s']} s")]
          for f in s["pending"]]))
+    act = _action_link(settings, token)
     parts.append("<h2>Held: identity conflict or two patients</h2>"
                  "<p>Fix the folder (rename it to the right ID, split it), or accept with"
                  " <code>importer release FOLDER</code>.</p>" + _table(
-        ["folder", "why"], [[e(h["folder"]), e(h["reason"])] for h in s["held"]]))
+        ["folder", "why"], [[e(h["folder"]) + act("release", folder_hash(h["folder"]), "release…"),
+                             e(h["reason"])] for h in s["held"]]))
     parts.append("<h2>Quarantined</h2>" + _table(
-        ["file", "reason"], [[p(q["file"]), e(q["reason"])] for q in s["quarantined"]]))
+        ["file", "reason"],
+        [[p(q["file"]) + act("retry", _failed_rel(settings, q["file"]), "retry…"),
+          e(q["reason"])] for q in s["quarantined"]]))
     parts.append("<h2>Archived, missing at a PACS</h2>" + _table(
         ["folder", "missing"],
         [[e(m["folder"]), e("; ".join(f"{n}: {len(d['missing'])}"
@@ -114,7 +120,53 @@ def render_page(settings: Settings, token: str = "", now: float | None = None) -
         [[e(a["folder"]), e(a["batch"]),
           (f'<a href="/receipt?path={urllib.parse.quote(a["receipt"])}{suffix}">receipt</a>'
            if a["receipt"] else "none")] for a in s["recent_archives"]]))
+    done = actions.recent(settings)
+    if settings.status_actions or done:
+        parts.append("<h2>Actions from this page</h2>" + _table(
+            ["when", "client", "action", "outcome"],
+            [[e(a["at"]), e(a["client"]), e(f"{a['action']} {a['target']}"),
+              f'<span class={"ok" if a["ok"] else "bad"}>'
+              f'{e(("" if a["ok"] else "refused: ") + a["outcome"])}</span>'] for a in done]))
     return _document("dicom-importer", "".join(parts), refresh=True)
+
+
+def _action_link(settings: Settings, token: str) -> Any:
+    """A link to an action's confirmation page (nothing when actions are off)."""
+    def link(do: str, target: str | None, words: str) -> str:
+        if not settings.status_actions or target is None:
+            return ""
+        query = urllib.parse.urlencode({"do": do, "target": target, "token": token})
+        return f' <a class=act href="/action?{html.escape(query)}">{words}</a>'
+    return link
+
+
+def _failed_rel(settings: Settings, shown: str) -> str | None:
+    if not settings.log_patient_names:
+        return None  # the target is a path with the patient's name: no link, no name in a URL
+    try:
+        return str(Path(shown).relative_to(settings.failed_dir))
+    except ValueError:
+        return None
+
+
+def render_confirm(settings: Settings, do: str, target: str, words: str, csrf: str,
+                   token: str) -> str:
+    """The confirmation step: what exactly will happen, and the one form that does it."""
+    fields = "".join(f'<input type=hidden name="{k}" value="{html.escape(v)}">'
+                     for k, v in (("do", do), ("target", target), ("csrf", csrf),
+                                  ("token", token)))
+    back = f'/{"?token=" + urllib.parse.quote(token) if token else ""}'
+    body = (f"<h1>Confirm: {html.escape(do)}</h1><p>{_e(settings, words)}</p>"
+            f'<form method=post action="/action">{fields}'
+            f'<button type=submit>{html.escape(do)} {_e(settings, display(target))}</button>'
+            f' <a href="{html.escape(back)}">cancel</a></form>')
+    return _document(f"confirm {do}", body, refresh=False)
+
+
+def render_done(settings: Settings, done: str, token: str) -> str:
+    back = f'/{"?token=" + urllib.parse.quote(token) if token else ""}'
+    return _document("done", f"<h1>Done</h1><p>{_e(settings, done)}</p>"
+                             f'<p><a href="{html.escape(back)}">back</a></p>', refresh=False)
 
 
 def render_receipt(settings: Settings, relative: str, token: str = "") -> str | None:

@@ -22,10 +22,12 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from importer.actions import ActionError, Actions, same_origin
 from importer.config import Settings
-from importer.pages import render_metrics, render_page, render_receipt
+from importer.pages import render_confirm, render_done, render_metrics, render_page, render_receipt
 
 MAX_CONNECTIONS = 16
+MAX_FORM = 64 * 1024
 CLIENT_TIMEOUT = 10.0
 HEARTBEAT_STALE = 300.0
 
@@ -84,6 +86,9 @@ class _BoundedServer(ThreadingHTTPServer):
 
 
 def _handler(settings: Settings) -> type[BaseHTTPRequestHandler]:
+    actions = Actions(settings) if settings.status_actions else None
+    scheme = "https" if settings.status_tls_cert else "http"
+
     class Handler(BaseHTTPRequestHandler):
         timeout = CLIENT_TIMEOUT  # a client that sends nothing is dropped
         server_version = "dicom-importer"
@@ -100,6 +105,16 @@ def _handler(settings: Settings) -> type[BaseHTTPRequestHandler]:
             token = query.get("token", [""])[0]
             if url.path == "/":
                 return self._send(200, "text/html", render_page(settings, token))
+            if url.path == "/action":  # only shows what the action would do
+                if actions is None:
+                    return self._send(403, "text/plain", "actions are off (STATUS_ACTIONS)\n")
+                do, target = query.get("do", [""])[0], query.get("target", [""])[0]
+                try:
+                    words = actions.describe(do, target)
+                except ActionError as exc:
+                    return self._send(404, "text/plain", f"{exc}\n")
+                return self._send(200, "text/html", render_confirm(
+                    settings, do, target, words, actions.csrf(do, target), token))
             if url.path == "/metrics":
                 return self._send(200, "text/plain; version=0.0.4", render_metrics(settings))
             if url.path == "/receipt":
@@ -108,6 +123,42 @@ def _handler(settings: Settings) -> type[BaseHTTPRequestHandler]:
                     return self._send(404, "text/plain", "no such receipt\n")
                 return self._send(200, "text/html", page)
             return self._send(404, "text/plain", "not found\n")
+
+        def do_POST(self) -> None:  # noqa: N802
+            """An action, only from its confirmation page: token, origin, CSRF token."""
+            client = self.client_address[0]
+            try:
+                length = int(self.headers.get("Content-Length", "0"))
+            except ValueError:
+                length = -1
+            if not 0 <= length <= MAX_FORM:
+                return self._send(413, "text/plain", "form too large\n")
+            form = urllib.parse.parse_qs(self.rfile.read(length).decode("utf-8", "replace"))
+            do, target = form.get("do", [""])[0], form.get("target", [""])[0]
+            if urllib.parse.urlsplit(self.path).path != "/action":
+                return self._send(404, "text/plain", "not found\n")
+            refused = None
+            if actions is None:
+                code, refused = 403, "actions are off (STATUS_ACTIONS)"
+            elif not self._authorised(form):
+                code, refused = 401, "token required"
+            elif not same_origin(self.headers, scheme):
+                code, refused = 403, "not from this page's origin (Origin/Referer)"
+            elif why := actions.spend_csrf(form.get("csrf", [""])[0], do, target):
+                code, refused = 403, why
+            if refused is not None:
+                if actions is not None:
+                    actions.record(client, do, target, refused, ok=False)
+                return self._send(code, "text/plain", f"refused: {refused}\n")
+            assert actions is not None
+            try:
+                done = actions.perform(do, target, client)
+            except ActionError as exc:
+                actions.record(client, do, target, str(exc), ok=False)
+                return self._send(409, "text/plain", f"not done: {exc}\n")
+            actions.record(client, do, target, done, ok=True)
+            token = form.get("token", [""])[0]
+            self._send(200, "text/html", render_done(settings, done, token))
 
         def _authorised(self, query: dict[str, list[str]]) -> bool:
             if not settings.status_token:
@@ -135,7 +186,9 @@ def _handler(settings: Settings) -> type[BaseHTTPRequestHandler]:
             self.send_header("Cache-Control", "no-store")
             self.send_header("X-Content-Type-Options", "nosniff")
             self.send_header("Content-Security-Policy",
-                             "default-src 'none'; style-src 'unsafe-inline'")
+                             "default-src 'none'; style-src 'unsafe-inline'; form-action 'self';"
+                             " frame-ancestors 'none'")
+            self.send_header("X-Frame-Options", "DENY")
             for key, value in (headers or {}).items():
                 self.send_header(key, value)
             self.end_headers()
