@@ -78,6 +78,7 @@ class Settings:
     status_token: str = ""  # required on any address but loopback
     status_tls_cert: Path | None = None
     status_tls_key: Path | None = None
+    status_actions: bool = False  # release, retry from the page (needs STATUS_TOKEN)
     alert_webhook: str = ""  # JSON POST on quarantine, held folder, destination down/up
     alert_after: int = 900  # seconds a destination may fail before an alert
     probe_interval: int = 30  # watch asks a destination that is down by C-ECHO this often
@@ -117,6 +118,7 @@ _SCALARS: dict[str, tuple[str, Any]] = {
     "status_token": ("STATUS_TOKEN", ""),
     "status_tls_cert": ("STATUS_TLS_CERT", ""),
     "status_tls_key": ("STATUS_TLS_KEY", ""),
+    "status_actions": ("STATUS_ACTIONS", False),
     "alert_webhook": ("ALERT_WEBHOOK", ""),
     "alert_after": ("ALERT_AFTER", 900),
     "probe_interval": ("PROBE_INTERVAL", 30),
@@ -196,6 +198,7 @@ def load_settings(
         status_token=str(raw("status_token")[0] or ""),
         status_tls_cert=get("status_tls_cert", _optional_file),
         status_tls_key=get("status_tls_key", _optional_file),
+        status_actions=get("status_actions", _bool),
         alert_webhook=get("alert_webhook", _url),
         alert_after=get("alert_after", _int_range(0, 7 * 86400)),
         probe_interval=get("probe_interval", _int_range(1, 3600)),
@@ -430,6 +433,9 @@ def _check_status_page(settings: Settings, raw: Callable[[str], tuple[Any, str]]
     if not host.startswith(_LOOPBACK) and not settings.status_token:
         raise ConfigError(f"{raw('status_listen')[1]}: listening on {host} needs a token:"
                           f" set {raw('status_token')[1]}")
+    if settings.status_actions and not settings.status_token:
+        raise ConfigError(f"{raw('status_actions')[1]}: actions from the status page need a"
+                          f" token, on any address: set {raw('status_token')[1]}")
     if bool(settings.status_tls_cert) != bool(settings.status_tls_key):
         raise ConfigError(f"{raw('status_tls_cert')[1]} and {raw('status_tls_key')[1]}:"
                           " give both, or neither")

@@ -9,7 +9,7 @@ import os
 import time
 from pathlib import Path
 
-from importer import alerts, metrics
+from importer import alerts, history, metrics
 from importer.archive import Plan, PlanResult, carry_out, free_name, remove_empty_dirs
 from importer.config import Settings
 from importer.folders import display
@@ -59,6 +59,7 @@ def plan_path(settings: Settings, folder_name: str) -> Path:
     return settings.state_dir / "archiving" / f"{folder_hash(folder_name)}.json"
 
 
+@history.counted  # the status page's hourly counts
 def finish(folder: Folder, settings: Settings, journal: Journal, verifier: Verifier,
            batch_stamp: str, quiet: set[str] | None = None) -> None:
     """Archive what every required PACS has (and, where it answers C-FIND, lists under

@@ -48,9 +48,10 @@ def versions_of(folder_path: Path) -> set[tuple[str, int, int]]:
     return {(f.rel, f.size, f.mtime_ns) for f in files}
 
 
-def release(settings: Settings, folder: str, reason: str) -> tuple[str, str]:
-    """Record the release of a held folder (a name in the import dir, or its path);
-    returns its name and the hold it accepted."""
+def release(settings: Settings, folder: str, reason: str,
+            by: str | None = None) -> tuple[str, str]:
+    """Record the release of a held folder (a name in the import dir, or its path) by a
+    person (default: the user running this); returns its name and the hold it accepted."""
     path = Path(folder)
     as_path = path.is_absolute() or os.sep in folder.rstrip(os.sep)
     name = path.name if as_path else folder
@@ -62,7 +63,7 @@ def release(settings: Settings, folder: str, reason: str) -> tuple[str, str]:
     if accepted is None:
         raise ReleaseError(f"{display(name)} is not held: nothing to release (importer status"
                            " lists held folders)")
-    by = os.environ.get("SUDO_USER") or _user()
+    by = by or os.environ.get("SUDO_USER") or _user()
     journal = Journal(settings.state_dir)
     try:
         journal.record_release(name, accepted, reason, by,
