@@ -41,9 +41,11 @@ lint: venv
 run: system-deps venv
 	$(BIN)/python -m tests.demo --delay $(DEMO_DELAY)
 
-## Benchmark: legacy scripts vs raw-tools floor vs importer, same corpus, same receiver.
+## Benchmark: legacy scripts vs raw-tools floor vs importer, same corpus, same receiver;
+## then the outage case (a backlog while the PACS is down, drained when it answers).
 bench: system-deps venv
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+	$(BIN)/python bench/outage.py $(OUTAGE_ARGS)
 
 ## The container image (needs a Docker engine; see docker/Dockerfile for offline builds).
 docker-image:

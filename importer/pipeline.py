@@ -13,29 +13,26 @@ one after another while the previous one is being sent, so the two cores overlap
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from importer import dcmtk, logs, progress
+from importer import dcmtk, logs
 from importer.config import Destination, Settings
 from importer.finish import finish, note_writing, recover, recover_elsewhere
-from importer.folders import display
+from importer.folders import Patient, display
 from importer.journal import Journal
-from importer.logs import event, warn
-from importer.model import Folder, SourceFile, identity_label
+from importer.logs import event
+from importer.model import Folder, identity_label
 from importer.reconcile import Reconciler, reconcile
 from importer.release import apply_release, held_note, keep_covered
 from importer.send import Sender
-from importer.share import SettleCheck
 from importer.snapshot import (
-    folder_lock,
-    list_files,
+    listed_groups,
     scan_import_dir,
-    set_aside_unsettled,
     unchanged,
-    wait_for_settling,
     warn_unmatched,
 )
 from importer.sniff import OTHER, count_words
@@ -82,61 +79,25 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
     with contextlib.ExitStack() as locks:
         if not settings.log_patient_names:
             locks.enter_context(logs.hidden_names(patient.name for _, patient in matched))
-        folders: list[Folder] = []
+        folders = report.folders  # every folder taken, as it is listed
         recovered: list[str] = []  # sources an interrupted archive step has now moved
         if not settings.dry_run:
             recover_elsewhere(settings, {name for name, _ in matched}, recovered)
-        settle = SettleCheck(settings.settle_seconds)
-        young: list[tuple[Folder, SourceFile]] = []
-        for name, patient in matched:
-            if not locks.enter_context(folder_lock(settings, name)):
-                event("INFO", "%s is being processed by another importer; skipped", display(name))
-                report.busy.append(name)
-                continue
-            if not settings.dry_run:
-                recover(settings, name, recovered)
-            files, left = list_files(settings.import_dir / name)
-            folder = Folder(name, settings.import_dir / name, patient, files, left)
-            for rel, why in left:
-                warn("%s/%s: %s (left in place)", display(name), display(rel), why)
-            # Its clock restarts after the recovery above: the originals it put back did
-            # not change "after now".
-            young += ((folder, f) for f in set_aside_unsettled(folder, settle.from_now(),
-                                                               ask_young=wait_for_settle))
-            if folder.files or folder.writing:
-                folders.append(folder)
-        report.folders = folders
-        wait_for_settling(young, settle)
-        del young
-        for folder in folders:
-            progress.folder(folder.name, len(folder.files))
-        if not folders:
+        # Listed a group at a time, while the previous group is being sent: memory stays
+        # flat in the size of the backlog (50,000 files listed at once cost ~25 MB).
+        groups = listed_groups(settings, matched, locks, taken=folders, busy=report.busy,
+                               wait_for_settle=wait_for_settle,
+                               prepare=None if settings.dry_run else
+                               lambda name: recover(settings, name, recovered))
+        first = next(groups, None)
+        if first is None:
             return report
-
-        all_files = [f.path for folder in folders for f in folder.files]
-        event("PHASE 1.5", "Validating %d files in %d folders", len(all_files), len(folders))
-        magic = dcmtk.dicom_magic(all_files)  # one call for the batch: cheap
-        del all_files
+        groups = itertools.chain([first], groups)
         if settings.dry_run:
-            reconciler = _reconciler(settings, folders)
-            try:
-                for chunk in _chunks(folders):
-                    dumps = read_originals(chunk, magic)
-                    for folder in chunk:
-                        classify(folder, dumps, settings)
-                    if reconciler is not None:
-                        reconcile(chunk, dumps, settings, reconciler)
-                    for folder in chunk:
-                        _describe(folder, settings)
-            finally:
-                if reconciler is not None:
-                    reconciler.close()
-            for folder in folders:
-                note_writing(folder, settings, noted_writing)
+            _dry_run(settings, matched, groups, noted_writing, folders)
             return report
 
         journal = Journal(settings.state_dir)
-        journal.forget(recovered)
         finished: set[int] = set()
         quiet = {d.label for d in settings.destinations if d.name in down}
 
@@ -160,8 +121,8 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
         try:
             under_way: list[tuple[list[Folder], list[Future[None]]]] = []
             with Sender(settings, journal, down) as sender:
-                reconciler = _reconciler(settings, folders, sender.verifier.note_refused, down)
-                for chunk in _chunks(folders):
+                reconciler = _reconciler(settings, matched, sender.verifier.note_refused, down)
+                for chunk, magic in _chunks(groups, journal, recovered):
                     # Many folders' files per tool call (a tool's start costs more than a
                     # small folder's files), a chunk at a time (memory stays flat in the
                     # batch's size, and this overlaps the previous chunk's send): read,
@@ -200,7 +161,7 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
     return report
 
 
-def _reconciler(settings: Settings, folders: list[Folder],
+def _reconciler(settings: Settings, matched: list[tuple[str, Patient]],
                 on_refused: Callable[[Destination, str, str], None] | None = None,
                 down: dict[str, str] | None = None) -> Reconciler | None:
     """Ask what the site knows of every folder's patient ID, from the start of the batch:
@@ -208,29 +169,67 @@ def _reconciler(settings: Settings, folders: list[Folder],
     if settings.reconcile == "off":
         return None
     reconciler = Reconciler(settings, on_refused, down)
-    reconciler.ask(folder.patient.id for folder in folders if folder.files)
+    reconciler.ask(patient.id for _name, patient in matched)
     return reconciler
+
+
+def _dry_run(settings: Settings, matched: list[tuple[str, Patient]],
+             groups: Iterator[list[Folder]], noted_writing: set[str] | None,
+             folders: list[Folder]) -> None:
+    """What a run would do, folder by folder; nothing changes (the PACS are only asked)."""
+    reconciler = _reconciler(settings, matched)
+    try:
+        for chunk, magic in _chunks(groups, None, []):
+            dumps = read_originals(chunk, magic)
+            for folder in chunk:
+                classify(folder, dumps, settings)
+            if reconciler is not None:
+                reconcile(chunk, dumps, settings, reconciler)
+            for folder in chunk:
+                _describe(folder, settings)
+    finally:
+        if reconciler is not None:
+            reconciler.close()
+    for folder in folders:
+        note_writing(folder, settings, noted_writing)
 
 
 # Folders are read, stamped, verified and sent a chunk at a time: up to this many files.
 CHUNK_FILES = 200
 
 
-def _chunks(folders: list[Folder]) -> Iterator[list[Folder]]:
+def _chunks(groups: Iterator[list[Folder]], journal: Journal | None,
+            recovered: list[str]) -> Iterator[tuple[list[Folder], dict[str, bool]]]:
     """Consecutive folders with files to read, up to CHUNK_FILES files a chunk (a larger
-    folder is a chunk of its own)."""
-    chunk: list[Folder] = []
-    count = 0
-    for folder in folders:
-        if not folder.files:
-            continue  # only files still being written
-        if chunk and count + len(folder.files) > CHUNK_FILES:
-            yield chunk
-            chunk, count = [], 0
-        chunk.append(folder)
-        count += len(folder.files)
-    if chunk:
-        yield chunk
+    folder is a chunk of its own), and which of their files carry the DICM magic (one
+    dcmftest per listed group). Ends early, quietly, when the importer is told to stop
+    while a group is being listed."""
+    while True:
+        try:
+            group = next(groups)
+        except (StopIteration, dcmtk.Stopped):
+            return
+        if journal is not None:  # what the recovery of their archive steps moved
+            journal.forget(recovered)
+            recovered.clear()
+        paths = [f.path for folder in group for f in folder.files]
+        if not paths:
+            continue
+        event("PHASE 1.5", "Validating %d files in %d folders", len(paths), len(group))
+        magic = dcmtk.dicom_magic(paths)  # one call for the group: cheap
+        del paths
+        chunk: list[Folder] = []
+        count = 0
+        for folder in group:
+            if not folder.files:
+                continue  # only files still being written
+            if chunk and count + len(folder.files) > CHUNK_FILES:
+                yield chunk, magic
+                chunk, count = [], 0
+            chunk.append(folder)
+            count += len(folder.files)
+        if chunk:
+            yield chunk, magic
 
 
 def _remember_held(settings: Settings, folder: Folder) -> None:

@@ -8,10 +8,10 @@ import fcntl
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from importer import dcmtk
+from importer import dcmtk, progress
 from importer.config import Settings
 from importer.folders import Patient, display, parse_folder_name
 from importer.logs import event, warn
@@ -92,6 +92,59 @@ def folder_lock(settings: Settings, name: str) -> Iterator[bool]:
         yield True
     finally:
         os.close(fd)
+
+
+# Files listed (and checked for the DICM magic) at a time: a backlog of 50,000 files is
+# never all in memory at once, and the next group is listed while the previous one is sent.
+GROUP_FILES = 2000
+
+
+def listed_groups(settings: Settings, matched: list[tuple[str, Patient]],
+                  locks: contextlib.ExitStack, *, taken: list[Folder], busy: list[str],
+                  wait_for_settle: bool,
+                  prepare: Callable[[str], None] | None) -> Iterator[list[Folder]]:
+    """The batch's folders with what they hold, a group of about GROUP_FILES files at a
+    time: each folder locked (or, held by another importer, named in busy), prepared (an
+    interrupted run's work finished first), listed, its unsettled files set aside (those
+    only too young, with wait_for_settle, waited for once per group), and appended to taken.
+
+    Raises dcmtk.Stopped when told to stop during the wait."""
+    settle = SettleCheck(settings.settle_seconds)
+    group: list[Folder] = []
+    young: list[tuple[Folder, SourceFile]] = []
+    count = 0
+    for name, patient in matched:
+        if not locks.enter_context(folder_lock(settings, name)):
+            event("INFO", "%s is being processed by another importer; skipped", display(name))
+            busy.append(name)
+            continue
+        if prepare is not None:
+            prepare(name)
+        files, left = list_files(settings.import_dir / name)
+        folder = Folder(name, settings.import_dir / name, patient, files, left)
+        for rel, why in left:
+            warn("%s/%s: %s (left in place)", display(name), display(rel), why)
+        # Its clock restarts after the preparation above: the originals it put back did
+        # not change "after now".
+        young += ((folder, f) for f in set_aside_unsettled(folder, settle.from_now(),
+                                                           ask_young=wait_for_settle))
+        if folder.files or folder.writing:
+            group.append(folder)
+            count += len(folder.files) + len(folder.writing)
+        if count >= GROUP_FILES:
+            yield _settled(group, young, settle, taken)
+            group, young, count = [], [], 0
+    if group:
+        yield _settled(group, young, settle, taken)
+
+
+def _settled(group: list[Folder], young: list[tuple[Folder, SourceFile]],
+             settle: SettleCheck, taken: list[Folder]) -> list[Folder]:
+    wait_for_settling(young, settle)
+    for folder in group:
+        progress.folder(folder.name, len(folder.files))
+    taken += group
+    return group
 
 
 def set_aside_unsettled(folder: Folder, settle: SettleCheck, *,

@@ -19,7 +19,7 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from importer.config import load_settings
-from importer.pipeline import folder_lock
+from importer.snapshot import folder_lock
 from tests.conftest import IMPORTER, Site
 from tests.dicomgen import make_ct, make_patient_folder, truncated_copy, write_non_dicom
 from tests.receivers import StoreSCP
