@@ -18,7 +18,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from importer import actions, chart, metrics
+from importer import actions, chart, metrics, progress
 from importer.config import Settings
 from importer.folders import display, mask_names
 from importer.history import load
@@ -85,6 +85,11 @@ def render_page(settings: Settings, token: str = "", now: float | None = None) -
     history = load(settings.state_dir, int(now // 3600) - chart.DAYS * 24 - 24)
     parts = [f"<h1>dicom-importer</h1><p>{p(s['import_dir'])} · "
              f"{html.escape(time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now)))}</p>"]
+    if (batch := progress.current()) is not None:  # watch is sending a batch right now
+        eta = f"ETA {batch['eta_s']} s" if batch["eta_s"] is not None else "ETA -"
+        parts.append(f"<p class=ok>Sending now: {batch['answered']:,} of {batch['files']:,}"
+                     f" files answered ({batch['left']:,} left, {batch['folders']:,} folders"
+                     f" listed), {batch['rate']:g} files/s, {eta}</p>")
     parts.append("<h2>Flow</h2>" + chart.flow(s["destinations"], history, now, e))
     parts.append("<h2>Destinations</h2>" + _table(
         ["PACS", "health", "last success", "last failure", "files waiting"],

@@ -1,6 +1,7 @@
 """Progress on a terminal: `run-once` on a TTY keeps one live line for the folder being
 sent (files stamped / answered / listed of total, files per second, ETA). When stderr is
-not a terminal nothing extra is written: logs stay as they are.
+not a terminal nothing extra is written: logs stay as they are. `watch` counts the same
+without drawing (quiet), for the status page: a backlog's files left, rate and ETA.
 
 The console log handler clears the line before it writes a record and redraws it after
 (logs.console_around), so log lines and the live line never mix.
@@ -42,9 +43,13 @@ def line(folder: _Folder, now: float) -> str:
 
 class Progress:
     def __init__(self, stream: TextIO | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, quiet: bool = False,
+                 expected: int = 0) -> None:
         self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty()
+        self.quiet = quiet  # count, never draw (watch: the status page shows it)
+        self.enabled = quiet or self.stream.isatty()
+        self.expected = expected  # files the batch was started for (watch knows it)
+        self.started = clock()
         self.clock = clock
         self.folders: dict[str, _Folder] = {}
         self.current: _Folder | None = None  # the folder drawn: the last one that moved
@@ -53,14 +58,28 @@ class Progress:
         self.shown = False
 
     def __enter__(self) -> Progress:
-        if self.enabled:
+        if self.enabled and not self.quiet:
             logs.console_around(self.clear, self.redraw)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
+        if self.enabled and not self.quiet:
             self.clear()
             logs.console_around(None, None)
+
+    def snapshot(self) -> dict[str, float | int | None]:
+        """The batch so far: files answered of how many, files per second, ETA (seconds)."""
+        with self.lock:
+            answered = sum(f.answered for f in self.folders.values())
+            listed = sum(f.total for f in self.folders.values())
+        total = max(self.expected, listed)
+        elapsed = max(self.clock() - self.started, 1e-6)
+        rate = answered / elapsed
+        left = max(0, total - answered)
+        return {"files": total, "answered": answered, "left": left,
+                "folders": len(self.folders), "rate": round(rate, 1),
+                "eta_s": round(left / rate) if rate > 0 and left else None,
+                "running_s": round(elapsed)}
 
     def folder(self, label: str, total: int) -> None:
         if not self.enabled:
@@ -82,6 +101,8 @@ class Progress:
         self.redraw()
 
     def clear(self) -> None:
+        if self.quiet:
+            return
         with self.lock:
             if self.shown:
                 self.stream.write("\r\033[K")
@@ -89,7 +110,7 @@ class Progress:
                 self.shown = False
 
     def redraw(self) -> None:
-        if not self.enabled:
+        if not self.enabled or self.quiet:
             return
         with self.lock:
             if self.current is None:
@@ -107,6 +128,12 @@ def activate(progress: Progress | None) -> None:
     """Count for this progress line (only when it draws: on a terminal)."""
     global _active
     _active = progress if progress is not None and progress.enabled else None
+
+
+def current() -> dict[str, float | int | None] | None:
+    """What the batch under way has done so far (None: no batch, or not counted)."""
+    live = _active
+    return live.snapshot() if live is not None else None
 
 
 def active() -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from inotify_simple import INotify, flags
 
-from importer import dcmtk, logs
+from importer import dcmtk, logs, progress
 from importer.config import Settings
 from importer.debounce import QuietTimers
 from importer.downtime import Downtime
@@ -226,7 +226,7 @@ class Watcher:
         for name, _patient in matched:
             if name in pending:
                 continue
-            newest, fingerprint = scan_folder(Path(self.root) / name)
+            newest, fingerprint, _count = scan_folder(Path(self.root) / name)
             if newest is None or self.seen.get(name) == fingerprint:
                 continue  # empty, or nothing new since it was last processed
             age = max(0.0, now_wall - newest)
@@ -238,15 +238,17 @@ class Watcher:
 
     def _process(self, due: list[str]) -> None:
         names = []
+        expected = 0  # files in them: the status page's "files left" of this batch
         for name in due:
             if parse_folder_name(name, self.settings.folder_pattern) is None:
                 continue
-            newest, fingerprint = scan_folder(Path(self.root) / name)
+            newest, fingerprint, count = scan_folder(Path(self.root) / name)
             if newest is None:
                 continue  # archived or removed meanwhile
             if name not in self.retrying and self.seen.get(name) == fingerprint:
                 continue  # a held folder nobody has changed
             names.append(name)
+            expected += count
         if not names:
             return
         for name in names:
@@ -257,7 +259,9 @@ class Watcher:
             # lines) per folder per retry.
             self.downtime.park(names)
             return
-        with logs.batch_log(self.settings.log_dir):
+        with logs.batch_log(self.settings.log_dir), progress.Progress(
+                quiet=True, expected=expected) as live:
+            progress.activate(live)
             try:
                 report = run_batch(self.settings, quiet_unmatched=self.quiet_unmatched,
                                    only=set(names), noted_writing=self.noted_writing,
@@ -270,12 +274,14 @@ class Watcher:
                     self.retrying.add(name)
                     self.timers.failed(name)
                 return
+            finally:
+                progress.activate(None)
         # Events queued while the batch ran are mostly our own renames; what really arrived
         # meanwhile is found by the scan below, which runs after this drain.
         self.handle_events(self.inotify.read(timeout=0), ignore=frozenset(names))
         self.downtime.after_batch(report)
         for name in names:
-            newest, fingerprint = scan_folder(Path(self.root) / name)
+            newest, fingerprint, _count = scan_folder(Path(self.root) / name)
             folder = next((f for f in report.folders if f.name == name), None)
             self.seen.pop(name, None)
             if newest is None:
@@ -300,11 +306,11 @@ class Watcher:
                 self._touch(name, at=time.monotonic() if folder and folder.writing else None)
 
 
-def scan_folder(top: Path) -> tuple[float | None, int]:
+def scan_folder(top: Path) -> tuple[float | None, int, int]:
     """Newest modification time of the files the pipeline would take from top (None: no
-    such file) and a fingerprint of them all, to tell whether anything changed."""
+    such file), a fingerprint of them all, to tell whether anything changed, and how many."""
     files, _left = list_files(top)
     if not files:
-        return None, 0
+        return None, 0, 0
     newest = max(f.mtime_ns for f in files) / 1e9
-    return newest, hash(tuple(sorted((f.path, f.size, f.mtime_ns) for f in files)))
+    return newest, hash(tuple(sorted((f.path, f.size, f.mtime_ns) for f in files))), len(files)
