@@ -40,6 +40,7 @@ from importer.snapshot import (
 )
 from importer.sniff import OTHER, count_words
 from importer.stamp import stamp
+from importer.unpack import unpack_archives
 from importer.validate import check_duplicate_uids, classify, read_originals
 
 
@@ -108,6 +109,7 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
         report.folders = folders
         wait_for_settling(young, settle)
         del young
+        unpack_archives(folders, settings)  # archives among the settled files (unpack.py)
         for folder in folders:
             progress.folder(folder.name, len(folder.files))
         if not folders:
