@@ -28,6 +28,7 @@ from pydicom.data import get_testdata_file
 from tests.conftest import IMPORTER, Site
 from tests.dicomgen import make_ct
 from tests.receivers import StoreSCP
+from tests.test_watch import DELAY, Watching, wait_for
 
 FOLDER = "#4242-Zip^Test"
 
@@ -343,3 +344,23 @@ def test_kill_during_unpacking_then_the_next_run_delivers_everything_once(
     assert received_ids(storescp) == {uid: "4242" for uid in images}
     assert sha(site.archived()[f"{FOLDER}/study.zip"]) == digest
     assert site.remaining() == []
+
+
+def test_watch_takes_a_zip_once(site: Site, storescp: StoreSCP, tmp_path: Path) -> None:
+    """Under `watch`, a folder with a ZIP moved in: its images delivered once, the folder
+    gone, and the unpacking (inside the folder) does not make it due again."""
+    site.use(storescp)
+    images = make_images(tmp_path / "src", 4)
+    staging = tmp_path / "staging" / FOLDER
+    info_zip(tmp_path / "src", staging / "study.zip")
+    watcher = Watching(site)
+    try:
+        shutil.move(staging, site.import_dir)
+        wait_for(lambda: len(storescp.received()) >= 4, 20)
+        wait_for(lambda: not (site.import_dir / FOLDER).exists(), 10)
+        time.sleep(DELAY + 1)  # a quiet period of its own would run out now
+    finally:
+        watcher.stop()
+    assert received_ids(storescp) == {uid: "4242" for uid in images}
+    assert watcher.output.count(f"processing {FOLDER}") == 1, watcher.output
+    assert f"{FOLDER}/study.zip" in site.archived()
