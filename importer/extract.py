@@ -20,6 +20,7 @@ import lzma
 import os
 import posixpath
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -33,8 +34,8 @@ RATIO_FLOOR = 1 << 20  # below this many expanded bytes no ratio is judged: smal
 HINT = "; unpack it yourself, check what is inside, and drop those files into the folder"
 # Errors that say nothing about the archive: the disk is full or failing. The archive waits.
 TRANSIENT = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM))
-_DAMAGE = (zipfile.BadZipFile, tarfile.ReadError, tarfile.CompressionError, EOFError,
-           zlib.error, gzip.BadGzipFile, lzma.LZMAError, OSError, ValueError)
+_DAMAGE = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile,
+           lzma.LZMAError, struct.error, OSError, ValueError)
 _ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 _ZIP_METHOD_NAMES = {9: "Deflate64", 98: "PPMd", 93: "Zstandard", 95: "XZ", 99: "AES"}
 

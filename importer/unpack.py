@@ -50,7 +50,12 @@ def unpack_archives(folders: list[Folder], settings: Settings) -> None:
         return  # writes nothing: archives show as "not unpacked"
     _sweep(settings)
     for folder in folders:
-        _Unpacker(folder, settings).run()
+        unpacker = _Unpacker(folder, settings)
+        try:
+            unpacker.run()
+        except OSError as exc:  # the disk, not the archive: everything of it waits
+            warn("%s: cannot unpack its archives now: %s", display(folder.name), exc)
+            unpacker.wait(f"cannot unpack now: {exc.strerror or exc}")
 
 
 def state_path(settings: Settings, folder_name: str) -> Path:
@@ -75,9 +80,10 @@ class _Unpacker:
                                 " not a folder (a link?); rename it")
             return
         if self.work.is_dir():
-            for entry in os.scandir(self.work):
-                if entry.name.startswith(PARTIAL):  # a run stopped half-way: never taken
-                    _remove(entry.path)
+            with os.scandir(self.work) as entries:
+                for entry in entries:
+                    if entry.name.startswith(PARTIAL):  # a run stopped half-way: never taken
+                        _remove(entry.path)
         self._drop_stale()
         self._forget_listed()
         for source, fmt in archives:
@@ -91,6 +97,23 @@ class _Unpacker:
         for rel in list(self.state):
             self._take(rel)
         _save(self.state_file, self.folder.name, self.state)
+
+    def wait(self, why: str) -> None:
+        """Nothing of an archive of this folder goes in this run: archives and working
+        folder alike are left for the next one."""
+        folder, prefix = self.folder, str(self.work) + os.sep
+        for source, _fmt in self._archives():
+            self._set_aside(source, folder.pending, why)
+        folder.files = [f for f in folder.files if not f.path.startswith(prefix)]
+        for path in [p for p in folder.members if p in folder.to_quarantine]:
+            del folder.to_quarantine[path]
+        for source in folder.unsent:
+            if folder.unsent_kinds.get(source.path) == UNPACKED and not source.path.startswith(
+                    prefix):
+                folder.pending[source.path] = why  # unpacked before the failure: waits too
+        folder.unsent = [f for f in folder.unsent if not f.path.startswith(prefix)
+                         and folder.unsent_kinds.get(f.path) != UNPACKED]
+        folder.members = {}
 
     def _archives(self) -> list[tuple[SourceFile, str]]:
         """Settled files of the folder (outside our working folder) that are archives."""

@@ -364,3 +364,30 @@ def test_watch_takes_a_zip_once(site: Site, storescp: StoreSCP, tmp_path: Path) 
     assert received_ids(storescp) == {uid: "4242" for uid in images}
     assert watcher.output.count(f"processing {FOLDER}") == 1, watcher.output
     assert f"{FOLDER}/study.zip" in site.archived()
+
+
+def test_a_disk_failure_while_unpacking_leaves_everything_for_the_next_run(
+        site: Site, storescp: StoreSCP, tmp_path: Path) -> None:
+    """The state cannot be written (STATE_DIR/unpacked is a file here): the archive is left
+    in place for retry, untouched, nothing of it sent; the rest of the folder goes on."""
+    site.use(storescp)
+    folder = site.import_dir / FOLDER
+    good = make_ct(folder / "good.dcm", rows=16)
+    images = make_images(tmp_path / "src", 2)
+    digest = sha(info_zip(tmp_path / "src", folder / "study.zip"))
+    site.state_dir.mkdir(parents=True)
+    (site.state_dir / "unpacked").write_text("in the way\n")
+
+    result = site.run()
+
+    assert result.returncode == 1
+    assert received_ids(storescp) == {good: "4242"}
+    assert "cannot unpack its archives now" in result.stderr
+    assert sha(folder / "study.zip") == digest and site.failed() == {}
+    (site.state_dir / "unpacked").unlink()
+
+    result = site.run()
+
+    assert result.returncode == 0, result.stderr
+    assert received_ids(storescp) == {uid: "4242" for uid in [good, *images]}
+    assert site.remaining() == []
