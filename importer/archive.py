@@ -65,7 +65,7 @@ def _copy_then_unlink(source: Path, target: Path) -> None:
             raise OSError(errno.EIO, "copy is incomplete")
         shutil.copystat(source, partial)
         os.rename(partial, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except OSError:
         with contextlib.suppress(OSError):
             os.unlink(partial)
@@ -73,7 +73,8 @@ def _copy_then_unlink(source: Path, target: Path) -> None:
     os.unlink(source)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """A directory's entries on disk (after a rename or a new file in it)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -82,6 +82,9 @@ class Settings:
     alert_webhook: str = ""  # JSON POST on quarantine, held folder, destination down/up
     alert_after: int = 900  # seconds a destination may fail before an alert
     probe_interval: int = 30  # watch asks a destination that is down by C-ECHO this often
+    unpack_max_files: int = 50_000  # an archive dropped in a folder holds at most this many
+    unpack_max_bytes: int = 20 << 30  # ... and expands to at most this many bytes
+    unpack_max_ratio: int = 100  # ... and never more than this many bytes out per byte in
     dry_run: bool = False
 
 
@@ -122,6 +125,9 @@ _SCALARS: dict[str, tuple[str, Any]] = {
     "alert_webhook": ("ALERT_WEBHOOK", ""),
     "alert_after": ("ALERT_AFTER", 900),
     "probe_interval": ("PROBE_INTERVAL", 30),
+    "unpack_max_files": ("UNPACK_MAX_FILES", 50_000),
+    "unpack_max_bytes": ("UNPACK_MAX_BYTES", "20G"),
+    "unpack_max_ratio": ("UNPACK_MAX_RATIO", 100),
 }
 
 # Environment variables of the old scripts, per destination: field -> variable.
@@ -202,6 +208,9 @@ def load_settings(
         alert_webhook=get("alert_webhook", _url),
         alert_after=get("alert_after", _int_range(0, 7 * 86400)),
         probe_interval=get("probe_interval", _int_range(1, 3600)),
+        unpack_max_files=get("unpack_max_files", _int_range(1, 10_000_000)),
+        unpack_max_bytes=get("unpack_max_bytes", _size(1 << 20, 1 << 50)),
+        unpack_max_ratio=get("unpack_max_ratio", _int_range(2, 100_000)),
         dry_run=bool(flags.get("dry_run", False)),
     )
     _check_dirs(settings, raw, create=create_dirs and not settings.dry_run)
@@ -363,6 +372,23 @@ def _int_range(low: int, high: int, what: str = "a whole number") -> Callable[[A
             raise ConfigError(f"{source}: {value!r} is not {what} ({low}-{high})") from None
         if not low <= number <= high:
             raise ConfigError(f"{source}: {number} is not {what} ({low}-{high})")
+        return number
+
+    return parse
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(low: int, high: int) -> Callable[[Any, str], int]:
+    """Bytes, as a whole number or with a binary unit: 500M, 20G, 1T."""
+    def parse(value: Any, source: str) -> int:
+        match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", str(value), re.IGNORECASE)
+        if not match:
+            raise ConfigError(f"{source}: {value!r} is not a size in bytes (e.g. 20G, 500M)")
+        number = int(match[1]) * _SIZE_UNITS[match[2].upper()]
+        if not low <= number <= high:
+            raise ConfigError(f"{source}: {value!r} is not between 1M and 1024T")
         return number
 
     return parse

@@ -59,6 +59,9 @@ class Folder:
     pending: dict[str, str] = field(default_factory=dict)  # path -> why it waits for retry
     writing: dict[str, str] = field(default_factory=dict)  # path -> why it is not settled yet
     duplicates: dict[str, str] = field(default_factory=dict)  # path -> same UID as which file
+    # Files unpacked from an archive of the folder (unpack.py): path -> where they came from
+    # ({"archive": rel, "member": path in it}, "inner_archive" for one level deeper).
+    members: dict[str, dict[str, str]] = field(default_factory=dict)
     held: str | None = None
     reconciliation: dict[str, Any] | None = None  # what the site knows (reconcile.py)
     released: dict[str, Any] | None = None  # a person's release of a hold (release.py)
@@ -70,7 +73,7 @@ class Folder:
         """Once finished, a folder keeps only what the batch's report needs (what waits,
         why, what was held): memory stays flat in the number of folders of a batch."""
         self.files, self.ready, self.unsent, self.duplicates = [], [], [], {}
-        self.unsent_kinds = {}
+        self.unsent_kinds, self.members = {}, {}
 
 
 def folder_hash(name: str) -> str:

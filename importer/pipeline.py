@@ -37,6 +37,7 @@ from importer.snapshot import (
 )
 from importer.sniff import OTHER, count_words
 from importer.stamp import stamp
+from importer.unpack import forget_gone
 from importer.validate import check_duplicate_uids, classify, read_originals
 
 
@@ -83,6 +84,7 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
         recovered: list[str] = []  # sources an interrupted archive step has now moved
         if not settings.dry_run:
             recover_elsewhere(settings, {name for name, _ in matched}, recovered)
+            forget_gone(settings)  # unpacked archives' states of folders all archived
         # Listed a group at a time, while the previous group is being sent: memory stays
         # flat in the size of the backlog (50,000 files listed at once cost ~25 MB).
         groups = listed_groups(settings, matched, locks, taken=folders, busy=report.busy,

@@ -54,6 +54,8 @@ def build_receipt(target_root: Path, folder: Folder, archived: list[tuple[Source
     unsent = {f.path for f in folder.unsent}
     for source, target in archived:
         entry: dict[str, Any] = {"path": source.rel, "size": source.size, "target": str(target)}
+        if source.path in folder.members:  # unpacked: which archive, which member of it
+            entry |= folder.members[source.path]
         if source.path in unsent:
             entry["sent"] = False
             kind = folder.unsent_kinds.get(source.path, OTHER)

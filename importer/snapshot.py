@@ -17,6 +17,7 @@ from importer.folders import Patient, display, parse_folder_name
 from importer.logs import event, warn
 from importer.model import Folder, SourceFile, folder_hash
 from importer.share import Identity, SettleCheck, changed_since, identity
+from importer.unpack import unpack_archives
 
 
 def scan_import_dir(settings: Settings) -> tuple[list[tuple[str, Patient]], list[str]]:
@@ -132,15 +133,16 @@ def listed_groups(settings: Settings, matched: list[tuple[str, Patient]],
             group.append(folder)
             count += len(folder.files) + len(folder.writing)
         if count >= GROUP_FILES:
-            yield _settled(group, young, settle, taken)
+            yield _settled(settings, group, young, settle, taken)
             group, young, count = [], [], 0
     if group:
-        yield _settled(group, young, settle, taken)
+        yield _settled(settings, group, young, settle, taken)
 
 
-def _settled(group: list[Folder], young: list[tuple[Folder, SourceFile]],
+def _settled(settings: Settings, group: list[Folder], young: list[tuple[Folder, SourceFile]],
              settle: SettleCheck, taken: list[Folder]) -> list[Folder]:
     wait_for_settling(young, settle)
+    unpack_archives(group, settings)  # archives among the settled files (unpack.py)
     for folder in group:
         progress.folder(folder.name, len(folder.files))
     taken += group

@@ -74,7 +74,23 @@ def _signature(head: bytes) -> tuple[str, str] | None:
     for magic, what, kind in _SIGNATURES:
         if head.startswith(magic):
             return what, kind
+    if head[257:262] == b"ustar":  # POSIX and GNU tar: the magic of its first header
+        return "a tar archive", _ARCHIVE
     return None
+
+
+# Archives the importer unpacks (unpack.py), by their first bytes: ZIP, and tar (plain or
+# compressed with gzip, bzip2 or xz; a compressed file that holds no tar is not unpacked).
+_UNPACKED_FORMATS = ((b"PK\x03\x04", "ZIP"), (b"PK\x05\x06", "ZIP"), (b"\x1f\x8b", "gzip"),
+                     (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
+
+
+def archive_format(head: bytes) -> str | None:
+    """"ZIP", "tar", "gzip", "bzip2" or "xz" for an archive to unpack; None otherwise."""
+    for magic, fmt in _UNPACKED_FORMATS:
+        if head.startswith(magic):
+            return fmt
+    return "tar" if head[257:262] == b"ustar" else None
 
 
 def plainly_not_dicom(head: bytes) -> str | None:
@@ -105,10 +121,11 @@ DICOMDIR = ("DICOMDIR", "DICOMDIRs")
 VIEWER = ("viewer/program file", "viewer/program files")
 TEXT = ("text file", "text files")
 DOCUMENT = ("document or picture", "documents or pictures")
-ARCHIVE = ("archive (not unpacked)", "archives (not unpacked)")
+ARCHIVE = ("archive (not unpacked)", "archives (not unpacked)")  # 7-Zip, RAR, a bare .gz
+UNPACKED = ("unpacked archive", "unpacked archives")  # its files went on their own (unpack.py)
 EMPTY = ("empty file", "empty files")
 OTHER = ("other file that is not DICOM", "other files that are not DICOM")
-KINDS = (DICOMDIR, VIEWER, TEXT, DOCUMENT, ARCHIVE, EMPTY, OTHER)  # the summary's order
+KINDS = (DICOMDIR, UNPACKED, VIEWER, TEXT, DOCUMENT, ARCHIVE, EMPTY, OTHER)  # the summary's order
 
 # A CD's viewer: programs, libraries, installers, help, pages, scripts, settings, fonts, icons.
 _VIEWER_EXTENSIONS = frozenset((

@@ -56,7 +56,9 @@ def classify(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -
     not_dicom: list[tuple[str, str]] = []  # (rel, what it is)
     for source in folder.files:
         dump = dumps.get(source.path)
-        young = now - source.ident.changed_at() < settings.incomplete_grace
+        # A file unpacked from a settled archive is complete however new: never "arriving".
+        young = (source.path not in folder.members
+                 and now - source.ident.changed_at() < settings.incomplete_grace)
         dicomdir = dump is not None and _is_dicomdir(source, dump)
         if dump is None:
             head = read_head(source.path, HEAD_BYTES)

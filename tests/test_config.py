@@ -76,6 +76,10 @@ def test_flags_override_env_override_toml(env: dict[str, str], tmp_path: Path) -
         ("FOLDER_PATTERN", "^#(?P<id>", "FOLDER_PATTERN: not a valid regular expression"),
         ("MIXED_PATIENTS", "maybe", "MIXED_PATIENTS: 'maybe' must be one of hold, warn, allow"),
         ("LOG_PATIENT_NAMES", "perhaps", "LOG_PATIENT_NAMES"),
+        ("UNPACK_MAX_FILES", "0", "UNPACK_MAX_FILES: 0 is not a whole number"),
+        ("UNPACK_MAX_BYTES", "lots", "UNPACK_MAX_BYTES: 'lots' is not a size in bytes"),
+        ("UNPACK_MAX_BYTES", "10K", "UNPACK_MAX_BYTES: '10K' is not between 1M and 1024T"),
+        ("UNPACK_MAX_RATIO", "1", "UNPACK_MAX_RATIO: 1 is not a whole number"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str, value: str,
@@ -84,6 +88,20 @@ def test_bad_values_name_the_variable(env: dict[str, str], variable: str, value:
     with pytest.raises(ConfigError) as caught:
         load_settings({}, env)
     assert message in str(caught.value)
+
+
+def test_unpack_limits(env: dict[str, str]) -> None:
+    settings = load_settings({}, env)
+    assert (settings.unpack_max_files, settings.unpack_max_bytes, settings.unpack_max_ratio) == (
+        50_000, 20 << 30, 100)
+    env |= {"UNPACK_MAX_FILES": "100", "UNPACK_MAX_BYTES": "500M", "UNPACK_MAX_RATIO": "1000"}
+    settings = load_settings({}, env)
+    assert (settings.unpack_max_files, settings.unpack_max_bytes, settings.unpack_max_ratio) == (
+        100, 500 << 20, 1000)
+    env["UNPACK_MAX_BYTES"] = "2GiB"
+    assert load_settings({}, env).unpack_max_bytes == 2 << 30
+    env["UNPACK_MAX_BYTES"] = "3000000"
+    assert load_settings({}, env).unpack_max_bytes == 3_000_000
 
 
 def test_missing_import_dir_is_named(env: dict[str, str], tmp_path: Path) -> None:

@@ -107,6 +107,28 @@ def test_kind_of(name: str, head: bytes | None, kind: tuple[str, str]) -> None:
     assert sniff.kind_of(name, head) == kind
 
 
+@pytest.mark.parametrize(("head", "fmt"), [
+    (b"PK\x03\x04\x14\x00", "ZIP"),
+    (b"PK\x05\x06" + b"\0" * 18, "ZIP"),  # an empty ZIP
+    (b"\x1f\x8b\x08\x00", "gzip"),
+    (b"BZh91AY", "bzip2"),
+    (b"\xfd7zXZ\x00\x00", "xz"),
+    (b"CT/IM1.dcm".ljust(257, b"\0") + b"ustar\x0000", "tar"),
+    (b"7z\xbc\xaf\x27\x1c", None),  # 7-Zip and RAR: not unpacked
+    (b"Rar!\x1a\x07\x00", None),
+    (b"\0" * 128 + b"DICM", None),
+    (b"", None),
+])
+def test_archive_format(head: bytes, fmt: str | None) -> None:
+    assert sniff.archive_format(head) == fmt
+
+
+def test_a_tar_is_plainly_not_dicom() -> None:
+    head = b"CT/IM1.dcm".ljust(124, b"\0") + b"00000001000\0" + b"\0" * 121 + b"ustar\x0000"
+    assert sniff.plainly_not_dicom(head) == "a tar archive"
+    assert sniff.kind_of("bundle", head) == sniff.ARCHIVE
+
+
 def test_count_words_in_the_summary_order() -> None:
     kinds = [sniff.TEXT, *[sniff.VIEWER] * 12, sniff.DICOMDIR]
     assert sniff.count_words(kinds) == [
