@@ -19,19 +19,34 @@ from importer.folders import display, parse_folder_name
 from importer.journal import FileKey, Journal
 from importer.logs import event, warn
 from importer.share import identity
+from importer.snapshot import folder_lock
 
 
 def resend_missing(settings: Settings, folder: str) -> int:
-    """Returns the exit code: 0 nothing lost or all delivered again, 1 otherwise."""
+    """Returns the exit code: 0 nothing lost or all delivered again, 1 otherwise, 3 when
+    another importer is processing the folder of that name in the import dir.
+
+    The copies go into IMPORT_DIR/<folder>, where a watch loop's batch may be at work on
+    the same folder: its lock is held from the audit to the end of the batch that sends
+    them (run_batch takes it again, in this thread)."""
     archived = Path(folder).resolve()
     if archived.parent.parent != settings.archive_dir.resolve():
         raise ConfigError(f"{folder} is not an archived folder (ARCHIVE_DIR/<ts>/<folder>)")
     name = archived.name
     if parse_folder_name(name, settings.folder_pattern) is None:
         raise ConfigError(f"{display(name)} does not name a patient (FOLDER_PATTERN)")
+    with folder_lock(settings, name) as mine:
+        if not mine:
+            warn("%s is being processed by another importer; nothing resent (try again)",
+                 display(name))
+            return 3
+        return _resend(settings, archived, name)
+
+
+def _resend(settings: Settings, archived: Path, name: str) -> int:
     audit = Auditor(settings).audit(archived)
     if not audit.has_receipt:
-        raise ConfigError(f"no receipt beside {folder}: what the PACS should hold is unknown")
+        raise ConfigError(f"no receipt beside {archived}: what the PACS should hold is unknown")
     down = [f"{d.label}: {d.unknown}" for d in audit.destinations.values() if d.down]
     if down:
         warn("Cannot ask %s; nothing resent", "; ".join(down))

@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -75,22 +76,38 @@ def list_files(top: Path) -> tuple[list[SourceFile], list[tuple[str, str]]]:
     return files, left
 
 
+_held_here = threading.local()  # .paths: the lock files this thread holds
+
+
 @contextlib.contextmanager
 def folder_lock(settings: Settings, name: str) -> Iterator[bool]:
-    """An exclusive lock per folder in STATE_DIR; yields False if another process has it."""
+    """An exclusive lock per folder in STATE_DIR; yields False if another process (or
+    another thread of this one: each lock is its own open file) has it.
+
+    Reentrant within a thread: a status-page resend holds the folder from its audit to the
+    end of the batch it runs, and that batch takes the lock again."""
     if settings.dry_run:
         yield True
         return
     lock_dir = settings.state_dir / "locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_dir / f"{folder_hash(name)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    path = str(lock_dir / f"{folder_hash(name)}.lock")
+    held: set[str] = _held_here.__dict__.setdefault("paths", set())
+    if path in held:
+        yield True
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             yield False
             return
-        yield True
+        held.add(path)
+        try:
+            yield True
+        finally:
+            held.discard(path)
     finally:
         os.close(fd)
 
