@@ -1,6 +1,8 @@
 """What an operator may do from the status page (STATUS_ACTIONS=on, behind STATUS_TOKEN):
-release a held folder (release.release, exactly as `importer release`) and put a quarantined
-file back for import (archive.restore_quarantined, as `importer retry`).
+release a held folder (release.release, exactly as `importer release`), put a quarantined
+file back for import (archive.restore_quarantined, as `importer retry`) and resend what a
+PACS lost of an archived folder (resend.resend_missing, as `importer resend`; queued, and
+run in a thread of its own: resend_queue.py).
 
 A GET only ever shows what an action would do (a confirmation page); only a POST from that
 page does it, and only with the token, from the page's own origin (Origin, else Referer)
@@ -23,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from importer.archive import REASON_SUFFIX, ArchiveError, restore_quarantined
+from importer.audit import missing_entry
 from importer.config import Settings
 from importer.folders import display, mask_names
 from importer.logs import event, warn
 from importer.model import folder_hash
 from importer.release import ReleaseError, held_note, held_reason, release
+from importer.resend_queue import Job, ResendQueue
 
 CSRF_TTL = 3600
 LOG_LIMIT = 256 * 1024  # actions.jsonl is cut to its newer half beyond this
@@ -55,6 +59,12 @@ class Actions:
         self.secret = secrets.token_bytes(32)
         self.used: dict[str, float] = {}  # CSRF nonces spent, until they expire anyway
         self.lock = threading.Lock()
+        self.resends = ResendQueue(settings, self._resend_ended)
+
+    def close(self) -> None:
+        """The status page stops: so does its resend worker (queued resends are recorded
+        as not started)."""
+        self.resends.stop()
 
     # --- CSRF ------------------------------------------------------------------------------
 
@@ -104,6 +114,17 @@ class Actions:
                     f" {self._shown(str(back))}"
                     " and remove its reason file: it is read, stamped and sent again at that"
                     " folder's next run (and quarantined again if it is still unreadable).")
+        if do == "resend":
+            folder, lacking = self._missing(target)
+            return (f"Resend what a PACS no longer lists of the archived folder {folder}:"
+                    f" {lacking}, as the last audit found. Each PACS is asked again first;"
+                    " only the instances it still lacks are copied back into"
+                    f" {self._shown(str(s.import_dir / Path(folder).name))}, stamped with the"
+                    " folder's identity, sent to the PACS that lack them (no other), checked"
+                    " by C-FIND and archived again, with a new receipt beside the old one."
+                    " It is queued and runs in the background, one resend at a time and never"
+                    " beside the import's own batch on that folder; its outcome is listed"
+                    " under \"Actions from this page\" when it ends.")
         raise ActionError(f"no such action: {display(do)}")
 
     def _shown(self, name: str) -> str:
@@ -125,6 +146,35 @@ class Actions:
                 return name
         raise ActionError("not a held folder (any more): open the page again")
 
+    def _missing(self, target: str) -> tuple[str, str]:
+        """An archived folder a PACS lacks instances of, from its entry's key (no patient
+        name in a URL), shown, and what is missing where; ActionError if it is not (any
+        more) listed, or a resend of it is already under way."""
+        entry = missing_entry(self.settings, target)
+        if entry is None:
+            raise ActionError("not listed as missing at a PACS (any more): open the page again")
+        folder = self._shown(entry["folder"])
+        if (job := self.resends.job(target)) is not None:
+            raise ActionError(f"a resend of {folder} is already under way (queued at"
+                              f" {job.queued_at} from {job.client})")
+        labels = {d.name: d.label for d in self.settings.destinations}
+        lacking, elsewhere = [], []
+        for name, d in entry.get("destinations", {}).items():
+            label = labels.get(name, name)
+            if d.get("missing"):
+                n = len(d["missing"])
+                lacking.append(f"{n} instance{'s' if n != 1 else ''} to {label}")
+            if d.get("under_another_patient_id"):
+                elsewhere.append(f"{len(d['under_another_patient_id'])} at {label}")
+        if not lacking:
+            raise ActionError(f"{folder}: nothing a PACS lacks that a resend would change"
+                              " (instances under another PatientID: sort that out in the PACS)")
+        words = ", ".join(lacking)
+        if elsewhere:
+            words += (f" (not those listed under another PatientID, {', '.join(elsewhere)}:"
+                      " resending under the same UID would not change them)")
+        return folder, words
+
     def _quarantined(self, target: str) -> Path:
         root = self.settings.failed_dir.resolve()
         path = (root / target).resolve()
@@ -137,6 +187,8 @@ class Actions:
         """Do it; returns what was done, in words."""
         self.describe(do, target)  # still possible?
         s = self.settings
+        if do == "resend":
+            return self._queue_resend(target, client)
         if do == "release":
             try:
                 name, accepted = release(s, self._held(target), "from the status page",
@@ -151,15 +203,38 @@ class Actions:
             raise ActionError(str(exc)) from None
         return "put back for import: " + ", ".join(self._shown(str(p)) for p in restored)
 
+    def _queue_resend(self, target: str, client: str) -> str:
+        folder, lacking = self._missing(target)
+        entry = missing_entry(self.settings, target)
+        assert entry is not None  # _missing found it
+        job = Job(target, Path(entry["folder"]), client, time.strftime("%Y-%m-%d %H:%M:%S"))
+        if (other := self.resends.submit(job)) is not None:
+            raise ActionError(f"a resend of {folder} is already under way (queued at"
+                              f" {other.queued_at} from {other.client})" if other is not job
+                              else "the importer is stopping: nothing new starts")
+        return (f"queued: resend of {folder} ({lacking}); its outcome is listed under"
+                " \"Actions from this page\" when it ends")
+
+    def _resend_ended(self, job: Job, ok: bool, words: str) -> None:
+        self.record(job.client, "resend", job.key,
+                    f"resend of {self._shown(str(job.folder))} (queued at {job.queued_at})"
+                    f" ended: {words}", ok, refused=False)
+
     # --- the record ------------------------------------------------------------------------
 
-    def record(self, client: str, do: str, target: str, outcome: str, ok: bool) -> None:
+    def record(self, client: str, do: str, target: str, outcome: str, ok: bool, *,
+               refused: bool | None = None) -> None:
+        """refused (by default: not ok): the request was turned down, as against an action
+        done that failed (a resend that ended without everything back)."""
+        refused = not ok if refused is None else refused
         entry = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "client": client, "action": do,
-                 "target": self._shown(target), "outcome": outcome, "ok": ok}
+                 "target": self._shown(target), "outcome": outcome, "ok": ok,
+                 "refused": refused}
         if ok:
             event("INFO", "Status page: %s %s from %s: %s", do, display(target), client, outcome)
         else:
-            warn("Status page: %s %s from %s refused: %s", do, display(target), client, outcome)
+            warn("Status page: %s %s from %s %s: %s", do, display(target), client,
+                 "refused" if refused else "failed", outcome)
         path = log_path(self.settings)
         with self.lock:
             try:

@@ -211,9 +211,14 @@ def audit_all(settings: Settings, since_days: int | None = None) -> list[FolderA
 # --- what `importer status` lists: archived folders a PACS no longer fully holds ---------
 
 
+def missing_key(folder: Path | str) -> str:
+    """The name of a folder's entry: what the status page's resend link carries (no
+    patient name in a URL)."""
+    return hashlib.sha256(str(folder).encode("utf-8", "surrogateescape")).hexdigest()[:20]
+
+
 def _note_path(settings: Settings, folder: Path) -> Path:
-    name = hashlib.sha256(str(folder).encode("utf-8", "surrogateescape")).hexdigest()[:20]
-    return settings.state_dir / "missing-at-pacs" / f"{name}.json"
+    return settings.state_dir / "missing-at-pacs" / f"{missing_key(folder)}.json"
 
 
 def remember(settings: Settings, audit: FolderAudit) -> None:
@@ -228,6 +233,21 @@ def remember(settings: Settings, audit: FolderAudit) -> None:
 
 def forget(settings: Settings, folder: Path) -> None:
     _note_path(settings, folder).unlink(missing_ok=True)
+
+
+def missing_entry(settings: Settings, key: str) -> dict[str, Any] | None:
+    """The listed entry under key, if it is one and its archived folder is still there."""
+    if len(key) != 20 or any(c not in "0123456789abcdef" for c in key):
+        return None
+    try:
+        entry = json.loads((settings.state_dir / "missing-at-pacs" / f"{key}.json")
+                           .read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    folder = entry.get("folder") if isinstance(entry, dict) else None
+    if not isinstance(folder, str) or missing_key(folder) != key or not Path(folder).is_dir():
+        return None
+    return entry
 
 
 def missing_at_pacs(settings: Settings) -> list[dict[str, Any]]:

@@ -15,10 +15,12 @@ import html
 import json
 import time
 import urllib.parse
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from importer import actions, chart, metrics, progress
+from importer.audit import missing_key
 from importer.config import Settings
 from importer.folders import display, mask_names
 from importer.history import load
@@ -76,7 +78,9 @@ def _document(title: str, body: str, refresh: bool) -> str:
             f"<body>{body}</body></html>")
 
 
-def render_page(settings: Settings, token: str = "", now: float | None = None) -> str:
+def render_page(settings: Settings, token: str = "", now: float | None = None, *,
+                under_way: Collection[str] = ()) -> str:
+    """under_way: keys of the archived folders a resend is queued or running for."""
     now = time.time() if now is None else now
     s = gather_status(settings)
     e = lambda v: _e(settings, v)  # noqa: E731
@@ -115,8 +119,11 @@ def render_page(settings: Settings, token: str = "", now: float | None = None) -
           e(q["reason"])] for q in s["quarantined"]]))
     parts.append("<h2>Archived, missing at a PACS</h2>" + _table(
         ["folder", "missing"],
-        [[e(m["folder"]), e("; ".join(f"{n}: {len(d['missing'])}"
-                                      for n, d in m["destinations"].items() if d["missing"]))]
+        [[e(m["folder"]) + (" <span class=none>resend under way</span>"
+                            if missing_key(m["folder"]) in under_way
+                            else act("resend", missing_key(m["folder"]), "resend…")),
+          e("; ".join(f"{n}: {len(d['missing'])}"
+                      for n, d in m["destinations"].items() if d["missing"]))]
          for m in s["missing_at_pacs"]]))
     parts.append("<h2>Not matching the folder pattern (left untouched)</h2>" + _table(
         ["entry"], [[e(u)] for u in s["unmatched"]]))
@@ -131,7 +138,8 @@ def render_page(settings: Settings, token: str = "", now: float | None = None) -
             ["when", "client", "action", "outcome"],
             [[e(a["at"]), e(a["client"]), e(f"{a['action']} {a['target']}"),
               f'<span class={"ok" if a["ok"] else "bad"}>'
-              f'{e(("" if a["ok"] else "refused: ") + a["outcome"])}</span>'] for a in done]))
+              f'{e(("refused: " if a.get("refused", not a["ok"]) else "") + a["outcome"])}'
+              "</span>"] for a in done]))
     return _document("dicom-importer", "".join(parts), refresh=True)
 
 

@@ -38,10 +38,12 @@ class StatusPage:
     def __init__(self, settings: Settings) -> None:
         assert settings.status_listen is not None
         self.settings = settings
+        # The page owns the actions, and with them the resend worker: stopped with it.
+        self.actions = Actions(settings) if settings.status_actions else None
         host, port = settings.status_listen
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         server_class = type("Server", (_BoundedServer,), {"address_family": family})
-        self.server = server_class((host, port), _handler(settings))
+        self.server = server_class((host, port), _handler(settings, self.actions))
         if settings.status_tls_cert and settings.status_tls_key:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(settings.status_tls_cert, settings.status_tls_key)
@@ -62,6 +64,8 @@ class StatusPage:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+        if self.actions is not None:
+            self.actions.close()
 
 
 class _BoundedServer(ThreadingHTTPServer):
@@ -85,8 +89,7 @@ class _BoundedServer(ThreadingHTTPServer):
             self.slots.release()
 
 
-def _handler(settings: Settings) -> type[BaseHTTPRequestHandler]:
-    actions = Actions(settings) if settings.status_actions else None
+def _handler(settings: Settings, actions: Actions | None) -> type[BaseHTTPRequestHandler]:
     scheme = "https" if settings.status_tls_cert else "http"
 
     class Handler(BaseHTTPRequestHandler):
@@ -104,7 +107,9 @@ def _handler(settings: Settings) -> type[BaseHTTPRequestHandler]:
                                   {"WWW-Authenticate": "Bearer"})
             token = query.get("token", [""])[0]
             if url.path == "/":
-                return self._send(200, "text/html", render_page(settings, token))
+                under_way = actions.resends.busy() if actions is not None else set()
+                return self._send(200, "text/html", render_page(settings, token,
+                                                                under_way=under_way))
             if url.path == "/action":  # only shows what the action would do
                 if actions is None:
                     return self._send(403, "text/plain", "actions are off (STATUS_ACTIONS)\n")

@@ -1,21 +1,30 @@
 """Actions from the status page (issue #24, item 2): a release done through the page makes
-the held folder go on at its next run; a quarantined file goes back for import; every POST
-without the token, from another origin, or without (or with a spent) CSRF token is refused
-and changes nothing; a GET never changes anything; every action and refusal is recorded."""
+the held folder go on at its next run; a quarantined file goes back for import; what a PACS
+lost of an archived folder is resent, in the background, and the folder leaves the "missing"
+list; every POST without the token, from another origin, or without (or with a spent) CSRF
+token is refused and changes nothing; a GET never changes anything; every action and
+refusal is recorded."""
 
 from __future__ import annotations
 
 import html
 import json
 import re
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import pydicom
+
+from importer.config import load_settings
 from importer.model import folder_hash
+from importer.snapshot import folder_lock
 from tests.conftest import Site
-from tests.receivers import StoreSCP
+from tests.dicomgen import make_patient_folder
+from tests.receivers import Orthanc, StoreSCP
+from tests.test_retention import delete_in_orthanc, orthanc  # noqa: F401 (fixture)
 from tests.test_status_page import NO_PROXY, Watching, busy_site, get  # noqa: F401 (fixture)
 from tests.test_watch import wait_for
 
@@ -125,3 +134,97 @@ def test_actions_off_by_default_and_need_a_token(busy_site: tuple[Site, StoreSCP
         assert "released by" not in _state(site)[0]
     finally:
         watching.stop()
+
+
+LOST = "#61-Lost^Again"
+
+
+def test_resend_from_the_page_puts_the_lost_instance_back(
+        site: Site, orthanc: Orthanc) -> None:  # noqa: F811
+    """Queued, not run in the request; waits while another batch holds the folder; a second
+    request meanwhile is "already under way"; refusals change nothing."""
+    site.use(orthanc)
+    make_patient_folder(site.import_dir, LOST, 3, rows=16)
+    assert site.run().returncode == 0
+    (archived,) = [b / LOST for b in site.archive_dir.iterdir() if (b / LOST).is_dir()]
+    lost_uid = pydicom.dcmread(sorted(archived.iterdir())[1]).SOPInstanceUID
+    delete_in_orthanc(orthanc, lost_uid)
+    assert site.run("audit").returncode == 1  # now listed as missing at the PACS
+    watching = Watching(site, STATUS_TOKEN=TOKEN, STATUS_ACTIONS="on")
+    url, origin = watching.url, {"Origin": watching.url}
+
+    def unchanged() -> None:
+        assert orthanc.count_instances() == 2 and site.remaining() == []
+        assert json.loads(site.run("status", "--json").stdout)["missing_at_pacs"]
+
+    try:
+        code, page = get(f"{url}/?token={TOKEN}")
+        assert code == 200 and "resend…" in page
+        link = html.unescape(re.search(r'href="(/action\?do=resend[^"]+)"', page).group(1))
+        assert "Lost" not in link  # the entry's key, not the patient's name, in the URL
+        code, confirm = get(url + link)  # a GET changes nothing
+        assert code == 200 and str(archived) in confirm
+        assert f"1 instance to ORTHANC@127.0.0.1:{orthanc.port}" in confirm, confirm
+        assert "in the background" in confirm
+        forms = [_form(get(url + link)[1]) for _ in range(2)]
+        unchanged()
+        for expected, fields, headers in [
+            (401, {**forms[0], "token": ""}, origin),  # without the token
+            (403, forms[0], {"Origin": "http://evil.example"}),  # from another origin
+            (403, {**forms[0], "csrf": ""}, origin),  # without the CSRF token
+            (403, {**forms[0], "do": "release"}, origin),  # a token for another action
+        ]:
+            code, body = post(url + "/action", fields, headers)
+            assert code == expected, (fields, headers, body)
+        assert get(f"{url}/action?do=resend&target={forms[0]['target']}")[0] == 401
+        unchanged()
+
+        # Another importer's batch holds the folder: the resend is queued and waits for it.
+        with folder_lock(load_settings({}, site.env), LOST) as acquired:
+            assert acquired
+            code, done = post(url + "/action", forms[0], origin)
+            assert code == 200 and "queued: resend of" in done, done
+            code, body = post(url + "/action", forms[1], origin)
+            assert code == 409 and "already under way" in body, body
+            assert "already under way" in get(url + link)[1]
+            page = get(f"{url}/?token={TOKEN}")[1]
+            assert "resend under way" in page and "resend…" not in page
+            wait_for(lambda: "waits for the batch" in (site.log_dir / "log.log").read_text(), 10)
+            unchanged()
+
+        wait_for(lambda: orthanc.count_instances() == 3, 60)
+        (restored,) = [i for i in orthanc.instances()
+                       if i["MainDicomTags"]["SOPInstanceUID"] == lost_uid]
+        assert orthanc.get(f"/instances/{restored['ID']}/tags?short")["0010,0020"] == "61"
+        wait_for(lambda: "ended: exit code 0" in get(f"{url}/?token={TOKEN}")[1], 30)
+        page = get(f"{url}/?token={TOKEN}")[1]
+        missing = page.split("Archived, missing at a PACS</h2>")[1].split("<h2>")[0]
+        assert "none" in missing and "Lost" not in missing and "resend…" not in page
+        assert json.loads(site.run("status", "--json").stdout)["missing_at_pacs"] == []
+        assert site.remaining() == []
+    finally:
+        output = watching.stop()
+    records = [json.loads(line)
+               for line in (site.state_dir / "actions.jsonl").read_text().splitlines()]
+    assert [(r["ok"], r["refused"]) for r in records] == (
+        [(False, True)] * 4 + [(True, False), (False, True), (True, False)])
+    assert "queued" in records[4]["outcome"] and "already under way" in records[5]["outcome"]
+    assert "exit code 0: every instance is listed again" in records[6]["outcome"]
+    assert "Status page: resend" in output
+
+
+def test_a_resend_waiting_when_the_importer_stops_is_recorded_as_not_started(
+        site: Site) -> None:
+    from importer.resend_queue import Job, ResendQueue
+
+    settings = load_settings({}, site.env)
+    ended: list[tuple[str, bool, str]] = []
+    resends = ResendQueue(settings, lambda job, ok, words: ended.append((job.key, ok, words)))
+    job = Job("k" * 20, site.archive_dir / "20260101_000000" / LOST, "127.0.0.1", "now")
+    with folder_lock(settings, LOST) as acquired:  # a batch at work on that folder
+        assert acquired and resends.submit(job) is None
+        assert resends.submit(job) is job  # the same folder again: the one under way
+        time.sleep(0.5)  # the worker has taken it and polls for the lock
+        resends.stop()
+    assert ended == [("k" * 20, False, "not started: the importer stopped first")]
+    assert resends.busy() == set() and resends.submit(job) is job  # stopped: nothing new
