@@ -31,7 +31,6 @@ from bench import (  # noqa: E402  (bench/bench.py: this script's directory is o
     clean_env,
     compile_importer,
     count_files,
-    read_hwm_kb,
     run_floor,
 )
 from tests.dicomgen import make_corpus  # noqa: E402
@@ -44,6 +43,17 @@ def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-u
         if time.monotonic() > deadline:
             raise SystemExit(f"outage bench: {what} did not happen within {timeout} s")
         time.sleep(0.02)
+
+
+def read_hwm_kb(pid: int) -> int | None:
+    """VmHWM (peak RSS) of the watch process."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def log_has(log: Path, text: str) -> bool:
