@@ -327,6 +327,37 @@ def test_reconcile_off_sends_as_before(site: Site, orthanc: Orthanc, tmp_path: P
     assert site.run(env=site.env | {"RECONCILE": "off"}).returncode == 0
 
 
+# One scheduled procedure step, in the shape of DCMTK's example wlistdb/OFFIS/wklist1.dump
+# (wlmscpfs ignores an entry without these attributes).
+WORKLIST_ENTRY = """(0008,0050) SH  00000
+(0008,0005) CS  [ISO_IR 100]
+(0010,0010) PN  PARK^SEOYEON
+(0010,0020) LO  30001
+(0010,0030) DA  19900101
+(0010,0040) CS  F
+(0020,000d) UI  1.2.276.0.7230010.3.2.101
+(0032,1032) PN  SMITH
+(0032,1060) LO  EXAM6
+(0040,0100) SQ
+(fffe,e000) -
+(0008,0060) CS  CT
+(0040,0001) AE  CT1
+(0040,0002) DA  20261202
+(0040,0003) TM  085607
+(0040,0006) PN  JOHNSON
+(0040,0007) LO  EXAM74
+(0040,0009) SH  SPD3445
+(0040,0010) SH  STN456
+(0040,0011) SH  B34F56
+(0040,0012) LO
+(0040,0400) LT
+(fffe,e00d) -
+(fffe,e0dd) -
+(0040,1001) SH  RP454G234
+(0040,1003) SH  LOW
+"""
+
+
 @pytest.fixture
 def worklist(tmp_path: Path) -> Iterator[tuple[str, int]]:
     """DCMTK's wlmscpfs serving one scheduled patient: 30001, PARK^SEOYEON, 1990-01-01, F."""
@@ -335,11 +366,7 @@ def worklist(tmp_path: Path) -> Iterator[tuple[str, int]]:
     db = tmp_path / "wlistdb" / "WLM"
     db.mkdir(parents=True)
     (db / "lockfile").touch()
-    sample = Path("/usr/share/doc/dcmtk/examples/wlistdb/OFFIS/wklist1.dump")
-    dump = sample.read_text(encoding="latin-1")
-    dump = (dump.replace("VIVALDI^ANTONIO", "PARK^SEOYEON").replace("AV35674", "30001")
-            .replace("16780304", "19900101").replace("(0010,0040) CS  M", "(0010,0040) CS  F"))
-    (tmp_path / "wl.dump").write_text(dump, encoding="latin-1")
+    (tmp_path / "wl.dump").write_text(WORKLIST_ENTRY, encoding="latin-1")
     subprocess.run(["dump2dcm", str(tmp_path / "wl.dump"), str(db / "wl1.wl")], check=True)
     port = free_port()
     proc = subprocess.Popen(["wlmscpfs", "-dfp", str(db.parent), str(port)],

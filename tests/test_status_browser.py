@@ -304,3 +304,25 @@ def history_height() -> float:
     from importer.chart import HEIGHT
 
     return HEIGHT
+
+
+def test_a_release_clicked_in_the_browser_lets_the_held_folder_go_on(
+        busy_site: tuple[Site, StoreSCP], browser: Any) -> None:  # noqa: F811
+    """At a phone's width, as an operator would: the page's release link, its confirmation,
+    the button; the held folder is archived at its next run."""
+    from selenium.webdriver.common.by import By
+
+    site, _storescp = busy_site
+    held, token = "#13-Two^People", "s3cret-token"
+    watching = Watching(site, STATUS_TOKEN=token, STATUS_ACTIONS="on")
+    try:
+        wait_for(lambda: (site.log_dir / "log.log").read_text().count("held —") >= 2, 20)
+        assert not any(k.startswith(held + "/") for k in site.archived())
+        _show(browser, f"{watching.url}/?token={token}", 390, mobile=True)
+        browser.find_element(By.PARTIAL_LINK_TEXT, "release").click()
+        wait_for(lambda: "it goes on at its next run" in browser.page_source, 10)
+        browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+        wait_for(lambda: f"released {held}" in browser.page_source, 10)
+        wait_for(lambda: any(k.startswith(held + "/") for k in site.archived()), 30)
+    finally:
+        watching.stop()
