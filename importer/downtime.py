@@ -4,12 +4,14 @@ the parked folders due the moment the destination answers."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from importer import dcmtk
+from importer import dcmtk, history
 from importer.config import Settings
+from importer.journal import Journal
 from importer.logs import event, warn
 from importer.outage import Outages, duration
 from importer.pipeline import BatchReport
@@ -22,6 +24,7 @@ class Downtime:
         self.hurry = hurry  # makes a folder due now
         self.outages = Outages(settings.probe_interval)
         self.required = {d.name: d for d in settings.destinations if d.required}
+        self.marked_hour: int | None = None  # the last hour marked down in the history
 
     def nowhere_to_send(self) -> bool:
         """Every required destination is down: folders that fall due can only wait."""
@@ -77,6 +80,8 @@ class Downtime:
                 answered = dcmtk.echo(destination).exit_code == 0
             except (dcmtk.DcmtkMissing, dcmtk.Stopped):
                 return
+            if not answered:
+                self._mark_hour()
             outage = self.outages.down[name]
             folders = self.outages.probed(name, answered)
             if answered:
@@ -92,6 +97,23 @@ class Downtime:
                  time.strftime("%Y-%m-%d %H:%M", time.localtime(outage.since)),
                  duration(time.time() - outage.since), self._files_in(outage.folders),
                  len(outage.folders), outage.reason)
+
+    def _mark_hour(self) -> None:
+        """The status page's chart marks the hours a destination is down: once an hour,
+        from the journal's failure times, while its folders are parked."""
+        hour = int(time.time() // 3600)
+        if hour == self.marked_hour:
+            return
+        self.marked_hour = hour
+        journal = Journal(self.settings.state_dir)
+        try:
+            known = journal.destinations()
+        finally:
+            journal.close()
+        try:
+            history.mark_down(self.settings.state_dir, known)
+        except (sqlite3.Error, OSError) as exc:
+            warn("Cannot mark the status page's down hours: %s", exc)
 
     def _files_in(self, folders: Iterable[str]) -> int:
         return sum(len(list_files(Path(self.settings.import_dir) / f)[0]) for f in folders)

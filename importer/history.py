@@ -118,6 +118,23 @@ def add(state_dir: Path, finished: Finished, destinations: dict[str, dict[str, A
             raise
 
 
+def mark_down(state_dir: Path, destinations: dict[str, dict[str, Any]],
+              now: float | None = None) -> None:
+    """Mark the hours of outages while nothing finishes (watch parks the folders of a
+    destination that is down: no folder finishes to mark them)."""
+    now = time.time() if now is None else now
+    with _lock:
+        db = _db(state_dir)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            _mark_outages(db, destinations, int(now // 3600))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+
 def _add(db: sqlite3.Connection, finished: Finished, destinations: dict[str, dict[str, Any]],
          now: float, hour: int) -> None:
     db.execute("BEGIN IMMEDIATE")

@@ -62,6 +62,22 @@ def test_counts_outages_and_holds_once_and_stays_bounded(tmp_path: Path) -> None
     assert hours == [hour + history.KEEP_HOURS + 3]
 
 
+def test_a_parked_outage_marks_every_hour_until_the_pacs_answers(tmp_path: Path) -> None:
+    """watch parks the folders of a PACS that is down: no folder finishes, yet every hour of
+    the outage is marked (history.mark_down, called by each probe that gets no answer)."""
+    now = 1_800_000_000.0
+    hour = int(now // 3600)
+    down = {"primary": {"failing_since": now, "last_failure_at": now}}
+    history.add(tmp_path, history.Finished("#1-A"), down, now)  # the batch that found it
+    for h in (1, 2, 3):  # probes an hour apart, nothing sent
+        history.mark_down(tmp_path, down, now + h * 3600)
+    back = {"primary": {"failing_since": None, "last_failure_at": now}}
+    history.add(tmp_path, history.Finished("#1-A", {"primary": 2}), back, now + 3.5 * 3600)
+    found = history.load(tmp_path, hour - 1)
+    assert sorted(found.counts[("primary", "down")]) == [hour, hour + 1, hour + 2, hour + 3]
+    assert found.counts[("primary", "archived")] == {hour + 3: 2}
+
+
 def test_a_down_destination_in_words_and_marked(site: Site, tmp_path: Path) -> None:
     """A real run against a PACS that is not there: the hook counts it, the page says it."""
     site.env["PACS_SERVER_PORT"] = str(free_port())  # nothing listens
