@@ -207,10 +207,11 @@ def run_floor(imp: Path, archive: Path, t: Target, work: Path) -> Run:
     )
 
 
-def read_hwm_kb(pid: int) -> int | None:
-    """VmHWM of ``pid`` once it runs the importer (before exec it is a copy of us)."""
+def read_hwm_kb(pid: int, command: bytes = b"run-once") -> int | None:
+    """VmHWM of ``pid`` once it runs the importer's command (before exec it is a copy of
+    us)."""
     try:
-        if b"run-once" not in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+        if command not in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
             return None
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):

@@ -31,6 +31,7 @@ from bench import (  # noqa: E402  (bench/bench.py: this script's directory is o
     clean_env,
     compile_importer,
     count_files,
+    read_hwm_kb,
     run_floor,
 )
 from tests.dicomgen import make_corpus  # noqa: E402
@@ -43,17 +44,6 @@ def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-u
         if time.monotonic() > deadline:
             raise SystemExit(f"outage bench: {what} did not happen within {timeout} s")
         time.sleep(0.02)
-
-
-def read_hwm_kb(pid: int) -> int | None:
-    """VmHWM (peak RSS) of the watch process."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 def log_has(log: Path, text: str) -> bool:
@@ -84,13 +74,13 @@ def drain_after_outage(corpus: Path, work: Path, n: int, probe_interval: int) ->
             wait_for(lambda: log_has(log, "answers again"), probe_interval + 30, "the probe")
             answered = time.monotonic()
             while count_files(imp) > 0:
-                peak = max(peak, read_hwm_kb(watch.pid) or 0)
+                peak = max(peak, read_hwm_kb(watch.pid, b"watch") or 0)
                 if time.monotonic() - up > 600:
                     raise SystemExit("outage bench: the backlog did not drain in 600 s")
                 time.sleep(0.05)
             done = time.monotonic()
             received = len(pacs.received())
-            peak = max(peak, read_hwm_kb(watch.pid) or 0)  # VmHWM: the peak so far
+            peak = max(peak, read_hwm_kb(watch.pid, b"watch") or 0)  # VmHWM: the peak so far
     finally:
         watch.send_signal(signal.SIGTERM)
         watch.wait(30)
