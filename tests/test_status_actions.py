@@ -47,6 +47,11 @@ def _form(page: str) -> dict[str, str]:
             in re.findall(r'<input type=hidden name="(\w+)" value="([^"]*)">', page)}
 
 
+def _tampered(token: str) -> str:
+    """The token with its last character changed (always changed: not a 1-in-16 no-op)."""
+    return token[:-1] + ("1" if token[-1] == "0" else "0")
+
+
 def _state(site: Site) -> tuple[str, list[str], list[str]]:
     """What a refused action must not change: the held note, the failed dir, the import dir."""
     note = site.state_dir / "held" / f"{folder_hash(HELD)}.txt"
@@ -80,7 +85,7 @@ def test_release_and_retry_from_the_page_and_every_refusal_changes_nothing(
             (403, form, {"Referer": "http://evil.example/page"}),
             (403, form, {}),  # neither Origin nor Referer
             (403, {**form, "csrf": ""}, origin),  # without the CSRF token
-            (403, {**form, "csrf": form["csrf"][:-2] + "00"}, origin),
+            (403, {**form, "csrf": _tampered(form["csrf"])}, origin),
             (403, {**form, "do": "retry"}, origin),  # a token issued for another action
         ]
         for expected, fields, headers in refusals:
