@@ -165,7 +165,7 @@ class Reconciler:
         found = {}
         for source in self.sources:
             future, index = self.asked[(source.name, patient_id)]
-            found[_label(source)] = future.result()[index]
+            found[source.label] = future.result()[index]
         return found
 
     def elsewhere(self, folders: list[Folder]) -> dict[str, dict[str, dict[str, str]]]:
@@ -189,7 +189,7 @@ class Reconciler:
                 folder = studies.get(match.get(STUDY_UID, ""))
                 other = match.get(PATIENT_ID, "")
                 if folder is not None and other and other != folder.patient.id:
-                    found.setdefault(folder.name, {}).setdefault(_label(source), {})[
+                    found.setdefault(folder.name, {}).setdefault(source.label, {})[
                         match[STUDY_UID]] = other
         return found
 
@@ -239,7 +239,7 @@ def _say_unchecked(source: Destination, why: str, policy: str) -> None:
         if source.name in _said:
             return
         _said[source.name] = why
-    warn("Patient identity not checked at %s: %s; %s", _label(source), why, _then(policy))
+    warn("Patient identity not checked at %s: %s; %s", source.label, why, _then(policy))
 
 
 def _then(policy: str) -> str:
@@ -250,37 +250,27 @@ def _then(policy: str) -> str:
 def _answered(source: Destination) -> None:
     with _said_lock:
         if _said.pop(source.name, None) is not None:
-            event("INFO", "Patient identity checked again at %s", _label(source))
+            event("INFO", "Patient identity checked again at %s", source.label)
 
 
-def _label(source: Destination) -> str:
-    return source.label
-
-
-def originals_of(folder: Folder, dumps: dict[str, dcmtk.Dump]) -> list[Person]:
-    """The distinct persons the folder's files describe (before stamping)."""
-    found: dict[Person, None] = {}
+def originals(folder: Folder, dumps: dict[str, dcmtk.Dump]) -> dict[tuple[str, Person], int]:
+    """The distinct original identities the folder's files carry (before stamping): their
+    (PatientID, person) and how many files carry each, in one pass over the dumps."""
+    counts: dict[tuple[str, Person], int] = {}
     for source in folder.files:
         values = dumps[source.path].values
-        charset = values.get(dcmtk.CHARSET, "")
-        found[Person(decode_value(values.get(PATIENT_NAME, ""), charset),
-                     values.get(BIRTH_DATE, ""), values.get(SEX, ""))] = None
-    return list(found)
-
-
-def original_identities(folder: Folder, dumps: dict[str, dcmtk.Dump],
-                        show_names: bool) -> list[dict[str, Any]]:
-    """For the receipt: each distinct original identity and how many files carry it."""
-    counts: dict[tuple[str, str, str, str], int] = {}
-    for source in folder.files:
-        values = dumps[source.path].values
-        charset = values.get(dcmtk.CHARSET, "")
-        name = decode_value(values.get(PATIENT_NAME, ""), charset)
-        key = (values.get(PATIENT_ID, ""), name if show_names else MASK,
-               values.get(BIRTH_DATE, ""), values.get(SEX, ""))
+        key = (values.get(PATIENT_ID, ""),
+               Person(decode_value(values.get(PATIENT_NAME, ""), values.get(dcmtk.CHARSET, "")),
+                      values.get(BIRTH_DATE, ""), values.get(SEX, "")))
         counts[key] = counts.get(key, 0) + 1
-    return [{"patient_id": k[0], "patient_name": k[1], "birth_date": k[2], "sex": k[3],
-             "files": n} for k, n in counts.items()]
+    return counts
+
+
+def for_receipt(found: dict[tuple[str, Person], int], show_names: bool) -> list[dict[str, Any]]:
+    """The receipt's original identities (names masked under LOG_PATIENT_NAMES=false)."""
+    return [{"patient_id": patient_id, "patient_name": person.name if show_names else MASK,
+             "birth_date": person.birth_date, "sex": person.sex, "files": n}
+            for (patient_id, person), n in found.items()]
 
 
 def reconcile(folders: list[Folder], dumps: dict[str, dcmtk.Dump], settings: Settings,
@@ -294,13 +284,13 @@ def reconcile(folders: list[Folder], dumps: dict[str, dcmtk.Dump], settings: Set
     elsewhere = reconciler.elsewhere(todo)
     show = (lambda n: n) if settings.log_patient_names else (lambda _n: MASK)
     for folder in todo:
-        judgement = judge(folder.patient.name, originals_of(folder, dumps),
+        found = originals(folder, dumps)
+        judgement = judge(folder.patient.name, {person for _id, person in found},
                           reconciler.known(folder.patient.id), elsewhere.get(folder.name, {}),
                           show)
         folder.reconciliation = {
             "policy": settings.reconcile, "sources": judgement.per_source,
-            "original_identities": original_identities(folder, dumps,
-                                                       settings.log_patient_names)}
+            "original_identities": for_receipt(found, settings.log_patient_names)}
         if judgement.conflicts:
             what = (f"the folder's identity (ID {folder.patient.id}) does not match what the"
                     f" site knows: {' | '.join(judgement.conflicts)}")
