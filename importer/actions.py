@@ -30,7 +30,7 @@ from importer.config import Settings
 from importer.folders import display, mask_names
 from importer.logs import event, warn
 from importer.model import folder_hash
-from importer.release import ReleaseError, held_note, held_reason, release
+from importer.release import ReleaseError, held_note, held_reason, read_note, release
 from importer.resend_queue import Job, ResendQueue
 
 CSRF_TTL = 3600
@@ -137,12 +137,11 @@ class Actions:
         s = self.settings
         if len(target) == 20 and all(c in "0123456789abcdef" for c in target):
             try:
-                note = held_note(s, "").with_name(f"{target}.txt")
-                name = note.read_text(encoding="utf-8", errors="surrogateescape").split("\n")[0]
+                note = read_note(held_note(s, "").with_name(f"{target}.txt"))
             except OSError:
-                name = ""
-            if (name and folder_hash(name) == target and (s.import_dir / name).is_dir()
-                    and held_reason(s, name) is not None):
+                note = None
+            name = note[0] if note is not None else ""
+            if name and folder_hash(name) == target and (s.import_dir / name).is_dir():
                 return name
         raise ActionError("not a held folder (any more): open the page again")
 

@@ -27,7 +27,7 @@ from importer.journal import Journal
 from importer.logs import event
 from importer.model import Folder, identity_label
 from importer.reconcile import Reconciler, reconcile
-from importer.release import apply_release, held_note, keep_covered
+from importer.release import apply_release, keep_covered, remember_held
 from importer.send import Sender
 from importer.snapshot import (
     listed_groups,
@@ -137,7 +137,7 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
                             reconcile(chunk, dumps, settings, reconciler)
                         for folder in chunk:
                             apply_release(folder, journal)
-                            _remember_held(settings, folder)
+                            remember_held(settings, folder)
                         stamp([f for f in chunk if not f.held], dumps, settings)
                     except dcmtk.Stopped:
                         break  # shutting down: archive what was delivered, leave the rest
@@ -232,17 +232,6 @@ def _chunks(groups: Iterator[list[Folder]], journal: Journal | None,
             count += len(folder.files)
         if chunk:
             yield chunk, magic
-
-
-def _remember_held(settings: Settings, folder: Folder) -> None:
-    """Held folders are listed by `importer status` until a person sorts them out."""
-    note = held_note(settings, folder.name)
-    if folder.held:
-        note.parent.mkdir(parents=True, exist_ok=True)
-        note.write_text(f"{folder.name}\n{folder.held}\n", encoding="utf-8",
-                        errors="surrogateescape")
-    else:
-        note.unlink(missing_ok=True)
 
 
 def _describe(folder: Folder, settings: Settings) -> None:

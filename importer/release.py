@@ -32,14 +32,33 @@ def held_note(settings: Settings, folder_name: str) -> Path:
     return settings.state_dir / "held" / f"{folder_hash(folder_name)}.txt"
 
 
-def held_reason(settings: Settings, folder_name: str) -> str | None:
+def remember_held(settings: Settings, folder: Folder) -> None:
+    """Held folders are listed by `importer status` until a person sorts them out: a note
+    per folder, its name, then why it is held (then a line per release given)."""
+    note = held_note(settings, folder.name)
+    if folder.held:
+        note.parent.mkdir(parents=True, exist_ok=True)
+        note.write_text(f"{folder.name}\n{folder.held}\n", encoding="utf-8",
+                        errors="surrogateescape")
+    else:
+        note.unlink(missing_ok=True)
+
+
+def read_note(note: Path) -> tuple[str, str, str | None] | None:
+    """A held note: the folder's name, why it is held, and the last release given (None:
+    no such note)."""
     try:
-        text = held_note(settings, folder_name).read_text(encoding="utf-8",
-                                                          errors="surrogateescape")
+        text = note.read_text(encoding="utf-8", errors="surrogateescape")
     except FileNotFoundError:
         return None
-    name, reason, *_released = text.split("\n")
-    return reason.strip() if name == folder_name else None
+    name, reason, *more = text.split("\n") + [""]
+    released = [line for line in more if line.startswith("released by ")]
+    return name, reason.strip(), released[-1] if released else None
+
+
+def held_reason(settings: Settings, folder_name: str) -> str | None:
+    note = read_note(held_note(settings, folder_name))
+    return note[1] if note is not None and note[0] == folder_name else None
 
 
 def versions_of(folder_path: Path) -> set[tuple[str, int, int]]:

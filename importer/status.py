@@ -13,6 +13,7 @@ from importer.config import Destination, Settings
 from importer.folders import display
 from importer.journal import Journal
 from importer.receipt import receipt_path
+from importer.release import read_note
 from importer.snapshot import list_files, scan_import_dir
 from importer.verify import find_fix
 
@@ -96,13 +97,12 @@ def gather_status(settings: Settings) -> dict[str, Any]:
             "oldest_file_age_s": round(now - oldest),
         })
     held = []
-    for note in sorted((settings.state_dir / "held").glob("*.txt")):
-        name, reason, *more = note.read_text(encoding="utf-8",
-                                             errors="surrogateescape").split("\n") + [""]
+    for path in sorted((settings.state_dir / "held").glob("*.txt")):
+        if (note := read_note(path)) is None:
+            continue  # released and gone meanwhile
+        name, reason, released = note
         if (settings.import_dir / name).is_dir():
-            released = [line for line in more if line.startswith("released by ")]
-            held.append({"folder": display(name), "reason": reason.strip(),
-                         "released": released[-1] if released else None,
+            held.append({"folder": display(name), "reason": reason, "released": released,
                          "release_with": f"importer release '{display(name)}' --reason …"})
     quarantined = []
     if settings.failed_dir.is_dir():
