@@ -251,14 +251,14 @@ class Watcher:
             expected += count
         if not names:
             return
-        for name in names:
-            event("Waiter", "Quiet for %d s: processing %s", self.settings.delay,
-                  self._label(name))
         if self.downtime.nowhere_to_send():
             # They wait for the first destination that answers, without a batch (and its
             # lines) per folder per retry.
             self.downtime.park(names)
             return
+        for name in names:
+            event("Waiter", "Quiet for %d s: processing %s", self.settings.delay,
+                  self._label(name))
         with logs.batch_log(self.settings.log_dir), progress.Progress(
                 quiet=True, expected=expected) as live:
             progress.activate(live)
