@@ -97,6 +97,8 @@ _CODECS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 192": "utf-8", "ISO_IR 100"
            "ISO_IR 138": "iso8859-8", "ISO_IR 148": "iso8859-9", "ISO_IR 166": "tis-620",
            "GB18030": "gb18030", "GBK": "gbk"}
 CHARSET_TAG = "0008,0005"
+QUERY_LEVEL = "0008,0052"
+_UI_TAGS = {"0020,000d", "0020,000e", "0008,0018"}  # padded with NUL, not space
 UNDECODABLE = "\ufffd"  # a value whose character set this importer cannot read
 
 
@@ -155,10 +157,6 @@ def find_many(destination: Destination, level: str, queries: Sequence[Query], *,
             answers.error = answers.error or error
     return BatchFind(parser.answers, error if parser.completed < len(queries) else None,
                      refused and parser.completed == 0)
-
-
-QUERY_LEVEL = "0008,0052"
-_UI_TAGS = {"0020,000d", "0020,000e", "0008,0018"}
 
 
 def _identifier(keys: dict[str, str]) -> bytes:
