@@ -24,6 +24,7 @@ from importer.reconcile import Known, Person, judge
 from tests.conftest import Site
 from tests.dicomgen import make_ct, make_patient_folder
 from tests.receivers import Orthanc, StoreSCP, _port_open, free_port
+from tests.test_verify import receipt_of
 
 # --- names, as people read them (pure) ---------------------------------------------------------
 
@@ -160,7 +161,7 @@ def test_mistyped_id_is_held_untouched_and_the_pacs_patient_gets_nothing(
     result = site.run()
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(instances_of(orthanc, "12345")) == 4
-    receipt = json.loads(next(site.archive_dir.glob("*/*.receipt.json")).read_text())
+    receipt = receipt_of(site, "#12345-Hong^Gildong")
     assert receipt["release"]["reason"] == "checked with the ward"
     assert "KIM^CHULSOO" in receipt["release"]["accepted"]
     assert receipt["identity_check"]["original_identities"][0]["patient_id"] == "CD-0042"
@@ -192,7 +193,7 @@ def test_right_id_is_sent_with_the_original_identity_inside(
         assert item.ModifyingSystem.startswith("dicom-importer")
         assert len(item.AttributeModificationDateTime) >= 14
         assert ds.PatientID == "20001" and str(ds.PatientName) == "Kim^Chulsoo"
-    receipt = json.loads(next(site.archive_dir.glob("*/*.receipt.json")).read_text())
+    receipt = receipt_of(site, "#20001-Kim^Chulsoo")
     (verdict,) = receipt["identity_check"]["sources"].values()
     assert verdict == "matches the patient there"
 
@@ -203,7 +204,7 @@ def test_new_id_is_sent_and_the_receipt_says_new_patient(site: Site, orthanc: Or
     result = site.run()
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(instances_of(orthanc, "20002")) == 2
-    receipt = json.loads(next(site.archive_dir.glob("*/*.receipt.json")).read_text())
+    receipt = receipt_of(site, "#20002-New^Person")
     assert list(receipt["identity_check"]["sources"].values())[0].startswith("new patient")
 
 
@@ -225,7 +226,7 @@ def test_same_name_in_another_script_is_sent_saying_not_compared(
     result = site.run()
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(instances_of(orthanc, "20004")) == 3
-    receipt = json.loads(next(site.archive_dir.glob("*/*.receipt.json")).read_text())
+    receipt = receipt_of(site, "#20004-홍길동")
     (verdict,) = receipt["identity_check"]["sources"].values()
     assert "names not compared" in verdict
 
@@ -311,7 +312,7 @@ def test_orthanc_as_debian_ships_it_is_not_checked_and_required_holds(
         assert result.stderr.count("answers no C-FIND") == 1  # one line for both checks
         assert "the patient identity is not checked there either" in result.stderr
         assert debian.count_instances() == 2
-        receipt = json.loads(next(site.archive_dir.glob("*/*.receipt.json")).read_text())
+        receipt = receipt_of(site, "#20009-Not^Checked")
         (verdict,) = receipt["identity_check"]["sources"].values()
         assert verdict.startswith("not checked: it answers no C-FIND")
 
