@@ -39,7 +39,7 @@ lint: venv
 
 ## Demo: Orthanc on 127.0.0.1 (DICOM 4242, HTTP 8042) and the importer on ./var/import.
 run: system-deps venv
-	$(BIN)/python -m tests.demo --delay $(DEMO_DELAY)
+	$(BIN)/python -m simsite.demo --delay $(DEMO_DELAY)
 
 ## Benchmark: legacy scripts vs raw-tools floor vs importer, same corpus, same receiver;
 ## then the outage case (a backlog while the PACS is down, drained when it answers).

@@ -21,8 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.dicomgen import make_ct  # noqa: E402
-from tests.receivers import Orthanc  # noqa: E402
+from simsite.dicomgen import make_ct  # noqa: E402
+from simsite.receivers import Orthanc  # noqa: E402
 
 IMPORTER = Path(sys.executable).parent / "importer"
 

@@ -33,8 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.dicomgen import make_corpus, make_patient_folder  # noqa: E402
-from tests.receivers import Orthanc, StoreSCP  # noqa: E402
+from simsite.dicomgen import make_corpus, make_patient_folder  # noqa: E402
+from simsite.receivers import Orthanc, StoreSCP  # noqa: E402
 
 LEGACY = Path(os.environ.get("LEGACY_PIPELINE") or REPO.parent / "shared/bench/legacy-pipeline.sh")
 IMPORTER = Path(sys.executable).parent / "importer"

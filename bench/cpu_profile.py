@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import IMPORTER, clean_env, compile_importer, count_files, generate  # noqa: E402
-from tests.dicomgen import _pixels, make_ct  # noqa: E402
-from tests.receivers import StoreSCP  # noqa: E402
+from simsite.dicomgen import _pixels, make_ct  # noqa: E402
+from simsite.receivers import StoreSCP  # noqa: E402
 
 TOOLS = ("dcmftest", "dcmdump", "dcmodify", "dcmconv", "storescu", "echoscu", "findscu")
 SHIM = """#!/bin/sh

@@ -34,8 +34,8 @@ from bench import (  # noqa: E402  (bench/bench.py: this script's directory is o
     read_hwm_kb,
     run_floor,
 )
-from tests.dicomgen import make_corpus  # noqa: E402
-from tests.receivers import StoreSCP, free_port  # noqa: E402
+from simsite.dicomgen import make_corpus  # noqa: E402
+from simsite.receivers import StoreSCP, free_port  # noqa: E402
 
 
 def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]

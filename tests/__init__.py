@@ -1,1 +1,1 @@
-"""Tests for dicom-importer; a package so ``python -m tests.receivers`` works."""
+"""Tests for dicom-importer (the simulated site they drive is simsite/)."""

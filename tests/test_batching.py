@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pydicom
 
-from tests.conftest import Site
-from tests.dicomgen import make_ct, make_patient_folder
-from tests.receivers import StoreSCP
-from tests.refusing_scp import CANNOT_UNDERSTAND, RefusingSCP
-from tests.test_share import WRITER, pixel_offset
-from tests.test_watch import wait_for
+from simsite.dicomgen import make_ct, make_patient_folder
+from simsite.receivers import StoreSCP
+from simsite.refusing_scp import CANNOT_UNDERSTAND, RefusingSCP
+from simsite.site import Site, wait_for
+from simsite.writers import WRITER, pixel_offset
 
 
 def test_one_batch_many_folders_each_its_own_verdict(site: Site, tmp_path: Path) -> None:

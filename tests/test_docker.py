@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.receivers import StoreSCP
+from simsite.receivers import StoreSCP
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("DOCKER_TEST_CACHE", "/var/tmp/dicom-importer-docker"))
@@ -323,7 +323,7 @@ class DockerSite:
 
     def drop(self, folder_name: str, n_files: int, **kwargs: object) -> list[Path]:
         """Make a patient folder aside, then move it into import/ whole, as a user would."""
-        from tests.dicomgen import make_patient_folder
+        from simsite.dicomgen import make_patient_folder
 
         files = make_patient_folder(self.staging, folder_name, n_files, rows=16, **kwargs)
         self.chown(self.staging / folder_name)

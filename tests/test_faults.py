@@ -7,7 +7,7 @@ required PACS acknowledged it, and no file is left half-written or half-moved.
 
 Faults: DCMTK ``storescp`` switches (``--refuse``, ``--abort-after``, ``--abort-during``,
 ``--sleep-during`` against ``DIMSE_TIMEOUT``); per-instance C-STORE statuses from a pynetdicom
-receiver (:mod:`tests.refusing_scp`; Orthanc cannot do it, see there); a required backup and an
+receiver (:mod:`simsite.refusing_scp`; Orthanc cannot do it, see there); a required backup and an
 optional destination that are down; SIGKILL at random moments, and at exact system calls of the
 archive, receipt and quarantine steps (strace ``inject``); two importers at once; a full and a
 read-only archive file system and a full FAILED_DIR (tmpfs; root only).
@@ -36,15 +36,15 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.conftest import IMPORTER, Site
-from tests.dicomgen import _pixels, make_ct, make_patient_folder, truncated_copy
-from tests.receivers import StoreSCP, free_port
-from tests.refusing_scp import (
+from simsite.dicomgen import _pixels, make_ct, make_patient_folder, truncated_copy
+from simsite.receivers import StoreSCP, free_port
+from simsite.refusing_scp import (
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH,
     OUT_OF_RESOURCES,
     RefusingSCP,
 )
+from simsite.site import IMPORTER, Site
 
 ROWS = 16  # small files: these tests are about control flow, not bytes
 

@@ -28,9 +28,9 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
-from tests.conftest import Site
-from tests.dicomgen import make_ct
-from tests.receivers import Orthanc, StoreSCP
+from simsite.dicomgen import make_ct
+from simsite.receivers import Orthanc, StoreSCP
+from simsite.site import Site
 
 ESC_KS_X_1001 = b"\x1b$)C"  # ESC $ ) C: Korean (KS X 1001) into G1, as ISO 2022 IR 149 requires
 

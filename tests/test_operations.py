@@ -7,9 +7,9 @@ import subprocess
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from tests.conftest import Site
-from tests.dicomgen import make_ct, truncated_copy
-from tests.receivers import StoreSCP, free_port
+from simsite.dicomgen import make_ct, truncated_copy
+from simsite.receivers import StoreSCP, free_port
+from simsite.site import Site
 
 
 def test_check_passes_and_names_the_destination_that_does_not_answer(

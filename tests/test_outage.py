@@ -21,10 +21,9 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from importer.debounce import QuietTimers
 from importer.outage import REMIND_EVERY, Outages, duration
-from tests.conftest import Site
-from tests.dicomgen import make_patient_folder
-from tests.receivers import StoreSCP, free_port
-from tests.test_watch import Watching, wait_for
+from simsite.dicomgen import make_patient_folder
+from simsite.receivers import StoreSCP, free_port
+from simsite.site import Site, Watching, wait_for
 
 
 class Clock:

@@ -21,9 +21,9 @@ from pydicom.sequence import Sequence
 
 from importer import names
 from importer.reconcile import Known, Person, judge
-from tests.conftest import Site
-from tests.dicomgen import make_ct, make_patient_folder
-from tests.receivers import Orthanc, StoreSCP, _port_open, free_port
+from simsite.dicomgen import make_ct, make_patient_folder
+from simsite.receivers import Orthanc, StoreSCP, _port_open, free_port
+from simsite.site import Site
 from tests.test_verify import receipt_of
 
 # --- names, as people read them (pure) ---------------------------------------------------------
@@ -91,7 +91,7 @@ def test_judge_holds_when_the_pacs_disagrees_with_itself_or_files_the_study_else
 
 @pytest.fixture(scope="module")
 def orthanc() -> Iterator[Orthanc]:
-    """A PACS that answers C-FIND (as tests.receivers configures Orthanc by default)."""
+    """A PACS that answers C-FIND (as simsite.receivers configures Orthanc by default)."""
     with Orthanc(tcp_nodelay=True) as server:
         yield server
 
@@ -425,7 +425,7 @@ def test_names_stay_out_of_logs_status_and_receipts(site: Site, orthanc: Orthanc
 
 def test_watch_holds_once_and_goes_on_when_released(site: Site, orthanc: Orthanc,
                                                     tmp_path: Path) -> None:
-    from tests.test_watch import Watching, wait_for
+    from simsite.site import Watching, wait_for
 
     seed(orthanc, tmp_path, "20013", "KIM^CHULSOO", "19500101", "M")
     use_orthanc(site, orthanc)

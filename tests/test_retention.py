@@ -14,9 +14,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.conftest import Site
-from tests.dicomgen import make_patient_folder
-from tests.receivers import Orthanc, StoreSCP, free_port
+from simsite.dicomgen import make_patient_folder
+from simsite.receivers import Orthanc, StoreSCP, free_port
+from simsite.site import Site
 
 
 def use(site: Site, orthanc: Orthanc | StoreSCP) -> None:

@@ -20,9 +20,9 @@ from pydicom.uid import generate_uid
 
 from importer.config import load_settings
 from importer.snapshot import folder_lock
-from tests.conftest import IMPORTER, Site
-from tests.dicomgen import make_ct, make_patient_folder, truncated_copy, write_non_dicom
-from tests.receivers import StoreSCP
+from simsite.dicomgen import make_ct, make_patient_folder, truncated_copy, write_non_dicom
+from simsite.receivers import StoreSCP
+from simsite.site import IMPORTER, Site
 
 
 def by_uid(receiver: StoreSCP) -> dict[str, pydicom.Dataset]:

@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import IMPORTER, Site
-from tests.dicomgen import make_patient_folder
-from tests.receivers import StoreSCP
+from simsite.dicomgen import make_patient_folder
+from simsite.receivers import StoreSCP
+from simsite.site import IMPORTER, Site
 from tests.test_share import FOLDER, assert_whole_and_stamped, sources  # noqa: F401 (fixture)
 
 SETTLE = 3.0

@@ -22,55 +22,13 @@ import pytest
 
 from importer import pipeline, share
 from importer.config import load_settings
-from tests.conftest import Site
-from tests.dicomgen import make_ct, make_patient_folder
-from tests.receivers import StoreSCP
-from tests.test_watch import Watching, wait_for
+from simsite.dicomgen import make_ct, make_patient_folder
+from simsite.receivers import StoreSCP
+from simsite.site import Site, Watching, wait_for
+from simsite.writers import Writer, pixel_offset  # noqa: F401
 
 FOLDER = "#4242-Stall^Test"
 ROWS = 256  # 128 KB of pixel data per file
-
-# A writer: copies SRC to DST in two parts. It writes the first SPLIT bytes, then waits
-# until the file GO exists (holding DST open, or closed when CLOSE_BETWEEN), then writes
-# the rest. Started as its own process, like smbd or a modality.
-WRITER = r"""
-import os, sys, time
-src, dst, split, go, close_between = sys.argv[1:6]
-data = open(src, "rb").read()
-split = int(split)
-fh = open(dst, "wb")
-fh.write(data[:split]); fh.flush()
-if close_between == "1":
-    fh.close()
-open(go + ".ready", "w").close()
-while not os.path.exists(go):
-    time.sleep(0.02)
-if close_between == "1":
-    fh = open(dst, "ab")
-fh.write(data[split:]); fh.flush(); fh.close()
-"""
-
-
-class Writer:
-    """A writer process stalled part-way through a copy until release()."""
-
-    def __init__(self, src: Path, dst: Path, split: int, *, close_between: bool = False) -> None:
-        self.go = dst.parent.parent.parent / f"go-{dst.name}-{time.monotonic_ns()}"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(src), str(dst), str(split), str(self.go),
-             "1" if close_between else "0"])
-        wait_for(lambda: Path(str(self.go) + ".ready").exists(), 10)
-
-    def release(self) -> None:
-        self.go.touch()
-        assert self.process.wait(timeout=10) == 0
-
-
-def pixel_offset(path: Path) -> int:
-    """Where the PixelData element starts: a writer stalled there wrote just the header."""
-    return path.read_bytes().index(b"\xe0\x7f\x10\x00")
-
 
 @pytest.fixture
 def sources(tmp_path: Path) -> Path:
@@ -480,7 +438,7 @@ def test_complete_file_sent_again_over_a_partial_instance(
     The complete file goes again under the same SOP Instance UID. Orthanc replaces the
     instance only with OverwriteInstances: true; by default it answers Success and keeps the
     partial one (measured; the README tells PACS administrators)."""
-    from tests.receivers import Orthanc
+    from simsite.receivers import Orthanc
 
     src = sources / "IM00001.dcm"
     partial = tmp_path / "partial.dcm"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from importer import sniff
-from tests.dicomgen import make_ct
+from simsite.dicomgen import make_ct
 
 PE = b"MZ\x90\x00\x03\x00\x00\x00\x04\x00\x00\x00\xff\xff" + b"\0" * 46 + b"\x80\0\0\0"
 PE += b"\0" * (128 - len(PE)) + b"PE\0\0" + b"\x4c\x01" + b"\0" * 100

@@ -21,12 +21,11 @@ import pydicom
 from importer.config import load_settings
 from importer.model import folder_hash
 from importer.snapshot import folder_lock
-from tests.conftest import Site
-from tests.dicomgen import make_patient_folder
-from tests.receivers import Orthanc, StoreSCP
+from simsite.dicomgen import make_patient_folder
+from simsite.receivers import Orthanc, StoreSCP
+from simsite.site import Site, wait_for
 from tests.test_retention import delete_in_orthanc, orthanc  # noqa: F401 (fixture)
 from tests.test_status_page import NO_PROXY, Watching, busy_site, get  # noqa: F401 (fixture)
-from tests.test_watch import wait_for
 
 TOKEN = "s3cret-token"
 HELD = "#13-Two^People"

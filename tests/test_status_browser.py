@@ -18,11 +18,10 @@ from typing import Any
 import pytest
 
 from importer import history
-from tests.conftest import Site
-from tests.dicomgen import make_patient_folder
-from tests.receivers import StoreSCP, free_port
+from simsite.dicomgen import make_patient_folder
+from simsite.receivers import StoreSCP, free_port
+from simsite.site import Site, wait_for
 from tests.test_status_page import HOSTILE, Watching, busy_site, get  # noqa: F401 (fixture)
-from tests.test_watch import wait_for
 
 SCREENSHOTS = Path(__file__).parent / "screenshots"
 HOSTILE_REASON = "<script>alert(2)</script> & <b>bold</b>"

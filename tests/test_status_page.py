@@ -21,10 +21,9 @@ from typing import Any
 import pytest
 
 from importer.alerts import DestinationWatch
-from tests.conftest import IMPORTER, Site
-from tests.dicomgen import make_ct, make_patient_folder, truncated_copy
-from tests.receivers import StoreSCP, free_port
-from tests.test_watch import wait_for
+from simsite.dicomgen import make_ct, make_patient_folder, truncated_copy
+from simsite.receivers import StoreSCP, free_port
+from simsite.site import IMPORTER, Site, wait_for
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 HOSTILE = "#1-<img src=x onerror=alert(1)>"  # a folder name is user input

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Site
-from tests.dicomgen import make_ct
-from tests.receivers import StoreSCP
+from simsite.dicomgen import make_ct
+from simsite.receivers import StoreSCP
+from simsite.site import Site
 
 
 def _openssl(*args: str) -> None:

@@ -25,10 +25,9 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from tests.conftest import IMPORTER, Site
-from tests.dicomgen import make_ct
-from tests.receivers import StoreSCP
-from tests.test_watch import DELAY, Watching, wait_for
+from simsite.dicomgen import make_ct
+from simsite.receivers import StoreSCP
+from simsite.site import DELAY, IMPORTER, Site, Watching, wait_for
 
 FOLDER = "#4242-Zip^Test"
 

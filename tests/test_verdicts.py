@@ -18,9 +18,9 @@ import pytest
 
 from importer.journal import Delivery
 from importer.verdict import Fate, Target, decide
-from tests.conftest import Site
-from tests.dicomgen import make_ct, make_patient_folder
-from tests.receivers import Orthanc, StoreSCP, free_port
+from simsite.dicomgen import make_ct, make_patient_folder
+from simsite.receivers import Orthanc, StoreSCP, free_port
+from simsite.site import Site
 
 PYDICOM_DATA = Path(pydicom.__file__).parent / "data" / "test_files"
 

@@ -1,7 +1,7 @@
 """Proof of delivery: C-FIND back before archiving, and a receipt per folder.
 
 Real receivers: Orthanc (answers C-FIND), a pynetdicom PACS that acknowledges everything
-but drops or misfiles instances (tests/forgetful_pacs.py), and storescp (no C-FIND).
+but drops or misfiles instances (simsite/forgetful_pacs.py), and storescp (no C-FIND).
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import json
 import subprocess
 from pathlib import Path
 
-from tests.conftest import Site
-from tests.dicomgen import make_patient_folder
-from tests.forgetful_pacs import ForgetfulPACS
-from tests.receivers import Orthanc, StoreSCP
+from simsite.dicomgen import make_patient_folder
+from simsite.forgetful_pacs import ForgetfulPACS
+from simsite.receivers import Orthanc, StoreSCP
+from simsite.site import Site
 
 
 def use(site: Site, pacs: ForgetfulPACS | Orthanc | StoreSCP) -> None:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,44 +13,9 @@ from inotify_simple import Event, flags
 
 from importer.config import load_settings
 from importer.watch import Watcher
-from tests.conftest import IMPORTER, Site
-from tests.dicomgen import make_ct, make_patient_folder
-from tests.receivers import StoreSCP
-
-DELAY = 2
-
-
-class Watching:
-    """A running `importer watch` process."""
-
-    def __init__(self, site: Site) -> None:
-        self.site = site
-        self.process = subprocess.Popen(
-            [IMPORTER, "watch", "--rescan", "60"], env={**site.env, "DELAY": str(DELAY)},
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, cwd=site.root)
-        self.output = ""
-        wait_for(lambda: (site.log_dir / "log.log").exists()
-                 and "Watching" in (site.log_dir / "log.log").read_text(), 10)
-
-    def stop(self) -> float:
-        """SIGTERM; returns seconds until the process exited."""
-        started = time.monotonic()
-        self.process.send_signal(signal.SIGTERM)
-        self.output, _ = self.process.communicate(timeout=30)
-        return time.monotonic() - started
-
-    def cpu_ticks(self) -> int:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # utime + stime
-
-
-def wait_for(condition: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.05)
+from simsite.dicomgen import make_ct, make_patient_folder
+from simsite.receivers import StoreSCP
+from simsite.site import DELAY, IMPORTER, Site, Watching, wait_for  # noqa: F401
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ SOP class, 0xC000 cannot understand). This receiver does that, in a thread of th
 process, on a free loopback port::
 
     with RefusingSCP(statuses={3: 0xC000}, first_times={5: (0xA700, 2)}) as pacs:
-        site.use(pacs)  # host, port, aet like tests.receivers.StoreSCP
+        site.use(pacs)  # host, port, aet like simsite.receivers.StoreSCP
         ...
         pacs.accepted_uids()   # what it stored (every accepted instance, in memory)
         pacs.requests          # every C-STORE it answered: (uid, instance number, status)

@@ -9,7 +9,7 @@ localhost). Clients here always connect to 127.0.0.1.
 
 Run Orthanc in the foreground (for ``make run``)::
 
-    python -m tests.receivers orthanc --dir ./var/orthanc --dicom-port 4242 --http-port 8042
+    python -m simsite.receivers orthanc --dir ./var/orthanc --dicom-port 4242 --http-port 8042
 """
 
 from __future__ import annotations
@@ -367,7 +367,7 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a receiver in the foreground until Ctrl-C or SIGTERM (``make run``'s demo PACS)."""
-    parser = argparse.ArgumentParser(prog="python -m tests.receivers", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m simsite.receivers", description=main.__doc__)
     sub = parser.add_subparsers(dest="kind", required=True)
     o = sub.add_parser("orthanc", help="Orthanc with a config and storage under --dir")
     o.add_argument("--dir", type=Path, default=Path("var/orthanc"), help="kept on exit")

@@ -16,8 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.dicomgen import make_patient_folder
-from tests.receivers import Orthanc
+from simsite.dicomgen import make_patient_folder
+from simsite.receivers import Orthanc
 
 IMPORTER = str(Path(sys.executable).parent / "importer")
 
