@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_DELAY ?= 5
 
-.PHONY: test run bench lint system-deps venv clean docker-image docker-test
+.PHONY: test run bench chaos lint system-deps venv clean docker-image docker-test
 
 ## Debian packages: DCMTK (the DICOM tools), Orthanc (demo PACS and test receiver), venv.
 system-deps:
@@ -46,6 +46,14 @@ run: system-deps venv
 bench: system-deps venv
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 	$(BIN)/python bench/outage.py $(OUTAGE_ARGS)
+
+## Fault campaign: seeded random scenarios, checked by the oracle (chaos/). SEED=n replays
+## one; RUNS=n (from FIRST=1) runs that many; MINUTES=m stops starting new ones after m.
+chaos: system-deps venv
+	@command -v strace >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends strace; }
+	$(BIN)/python -m chaos $(if $(SEED),--seed $(SEED),--runs $(or $(RUNS),20) \
+	  --first-seed $(or $(FIRST),1)) $(if $(MINUTES),--minutes $(MINUTES)) $(CHAOS_ARGS)
 
 ## The container image (needs a Docker engine; see docker/Dockerfile for offline builds).
 docker-image:

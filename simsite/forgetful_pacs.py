@@ -36,6 +36,7 @@ class ForgetfulPACS:
         self.stores: list[str] = []  # every SOP Instance UID it acknowledged, in order
         self.finds = 0
         self.kept: dict[str, tuple[float, str, str]] = {}  # uid -> (visible at, study, id)
+        self.received: dict[str, Any] = {}  # uid -> the data set as it arrived (last one)
         self._lock = threading.Lock()
         self._server: Any = None
 
@@ -44,6 +45,8 @@ class ForgetfulPACS:
         number = int(ds.get("InstanceNumber", 0) or 0)
         with self._lock:
             self.stores.append(ds.SOPInstanceUID)
+            ds.file_meta = event.file_meta
+            self.received[ds.SOPInstanceUID] = ds
             if number not in self.drop:
                 patient_id = self.refile.get(number, ds.PatientID)
                 self.kept[ds.SOPInstanceUID] = (time.monotonic() + self.index_delay,
@@ -72,7 +75,7 @@ class ForgetfulPACS:
         ae.supported_contexts = StoragePresentationContexts
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
         self._server = ae.start_server(
-            (self.host, 0), block=False,
+            (self.host, self.port), block=False,  # a restart keeps its port
             evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_FIND, self._on_find)])
         self.port = self._server.server_address[1]
         return self

@@ -115,7 +115,8 @@ class RefusingSCP:
         ae = AE(ae_title=self.aet)
         ae.supported_contexts = StoragePresentationContexts
         ae.maximum_pdu_size = 0  # no limit, like storescp
-        self._server = ae.start_server((self.host, 0), block=False,
+        # A restart (a PACS down and up again) keeps the port it had.
+        self._server = ae.start_server((self.host, self.port), block=False,
                                        evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
         self.port = int(self._server.server_address[1])
         return self

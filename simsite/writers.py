@@ -34,8 +34,10 @@ fh.write(data[split:]); fh.flush(); fh.close()
 class Writer:
     """A writer process stalled part-way through a copy until release()."""
 
-    def __init__(self, src: Path, dst: Path, split: int, *, close_between: bool = False) -> None:
-        self.go = dst.parent.parent.parent / f"go-{dst.name}-{time.monotonic_ns()}"
+    def __init__(self, src: Path, dst: Path, split: int, *, close_between: bool = False,
+                 control_dir: Path | None = None) -> None:
+        control = control_dir or dst.parent.parent.parent  # outside the import dir
+        self.go = control / f"go-{dst.name}-{time.monotonic_ns()}"
         dst.parent.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [sys.executable, "-c", WRITER, str(src), str(dst), str(split), str(self.go),
