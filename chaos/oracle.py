@@ -141,6 +141,9 @@ def check(run: Run) -> Verdict:
             v.expect(answer.get("time") is not None,
                      f"receipt: {p.folder!r}/{p.rel} has no answer from {dest}: {answer}")
 
+    v.expect(not run.writer_failures, "a file was moved or removed while a writer was still "
+             f"writing it (its writer failed): {run.writer_failures}")
+
     # 6, 7: liveness, logs, exit codes, no command run from a name.
     v.expect(run.quiescent_after is not None,
              f"liveness: not quiet {LIVENESS:.0f} s after the faults stopped; still in the "

@@ -42,6 +42,7 @@ class Run:
     exit_codes: list[tuple[str, int]] = field(default_factory=list)
     injected: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)  # the campaign's own failures
+    writer_failures: list[str] = field(default_factory=list)  # files moved while being written
     quiescent_after: float | None = None
     final_exit: int | None = None
 
@@ -187,6 +188,7 @@ def _timeline(run: Run, share: Share, staged: dict[int, dict[str, Path]]) -> Non
             r.start()
     for key in list(share.stalled):
         share.release(*key)
+    run.writer_failures = share.writer_failures
     if scenario.mode == "watch" and importer.proc is not None and importer.proc.poll() is not None:
         run.exit_codes.append(("watch (exited by itself)", importer.proc.returncode))
         importer.watch()

@@ -262,18 +262,20 @@ def _share_events(rng: random.Random, folders: list[Folder], uid: object) -> lis
         if f.held or not f.matched:
             continue
         images = [s for s in f.files if s.source == "ct"]
+        stalled = ""
         if images and rng.random() < 0.25:
             kind = rng.choice(("stall-open", "stall-closed"))
-            at = f.arrive
-            events.append(Event(at, kind, f.name, rng.choice(images).rel,
-                                until=round(at + rng.uniform(1.5, 6), 1)))
-        if images and rng.random() < 0.2:
+            stalled = rng.choice(images).rel
+            events.append(Event(f.arrive, kind, f.name, stalled,
+                                until=round(f.arrive + rng.uniform(1.5, 6), 1)))
+        others = [s for s in images if s.rel != stalled]  # a writer owns its file until done
+        if others and rng.random() < 0.2:
             events.append(Event(round(f.arrive + rng.uniform(0.5, 8), 1), "replace", f.name,
-                                rng.choice(images).rel + rng.choice(("", "|new-version"))))
+                                rng.choice(others).rel + rng.choice(("", "|new-version"))))
         if rng.random() < 0.2:
             events.append(Event(round(f.arrive + rng.uniform(1, 10), 1), "add-during-run",
                                 f.name, f"{rng.randint(1, 3)}|{uid()}"))
-        roll = rng.random()
+        roll = 1.0 if stalled else rng.random()  # nobody renames a folder a copy is filling
         if roll < 0.07:
             events.append(Event(round(f.arrive + rng.uniform(0.5, 8), 1), "delete", f.name))
         elif roll < 0.14:

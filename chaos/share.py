@@ -91,6 +91,7 @@ class Share:
         self.import_dir = import_dir
         self.staging = staging
         self.stalled: dict[tuple[int, str], Writer] = {}
+        self.writer_failures: list[str] = []  # a writer whose file was taken from under it
         self._count = 0
 
     def current(self, index: int) -> Path:
@@ -142,8 +143,11 @@ class Share:
 
     def release(self, index: int, rel: str) -> None:
         writer = self.stalled.pop((index, rel), None)
-        if writer is not None:
-            writer.release()
+        if writer is None:
+            return
+        writer.go.touch()
+        if writer.process.wait(timeout=30) != 0:
+            self.writer_failures.append(f"{self.truth.names[index][-1]!r}/{rel}")
 
     def replace(self, index: int, rel: str, new_version: bool) -> bool:
         """Write the file again under a temporary name and rename it over the old one."""
