@@ -77,7 +77,7 @@ class Downtime:
         for name in self.outages.probes_due():
             destination = self.required[name]
             try:
-                answered = dcmtk.echo(destination).exit_code == 0
+                answered = dcmtk.echo_reached(dcmtk.echo(destination))
             except (dcmtk.DcmtkMissing, dcmtk.Stopped):
                 return
             if not answered:

@@ -23,6 +23,7 @@ from importer.debounce import QuietTimers
 from importer.outage import REMIND_EVERY, Outages, duration
 from simsite.dicomgen import make_patient_folder
 from simsite.receivers import StoreSCP, free_port
+from simsite.refusing_scp import RefusingSCP
 from simsite.site import Site, Watching, wait_for
 
 
@@ -203,3 +204,26 @@ def test_answering_c_echo_but_refusing_files_is_not_back(site: Site,
     assert console_lines(site, "is down") == 1
     assert echo_only.echoes <= 4
     assert len(site.remaining()) == 2
+
+
+def test_a_pacs_without_the_verification_service_is_back_when_it_takes_associations(
+        site: Site, down_port: int) -> None:
+    """Found by the fault campaign (chaos seed 1): a PACS that takes images but offers no
+    C-ECHO (pynetdicom's storage-only SCP here; some archives and cloud gateways) answered
+    every probe "No Acceptable Presentation Contexts" and stayed down for ever. It accepted
+    the association: it is back, and the send decides."""
+    site.env |= {"PACS_SERVER_PORT": str(down_port), "PACS_AET": "REFUSER",
+                 "PROBE_INTERVAL": "1", "RECONCILE": "off"}
+    make_patient_folder(site.import_dir, "#801-No^Echo", 3, rows=16)
+    watcher = Watching(site)
+    try:
+        wait_for(lambda: console_lines(site, "is down") == 1, 20)
+        pacs = RefusingSCP()  # storage contexts only: C-ECHO gets no presentation context
+        pacs.port = down_port
+        with pacs:
+            wait_for(lambda: site.remaining() == [], 20)
+            assert len(pacs.accepted_uids()) == 3
+    finally:
+        watcher.stop()
+    assert console_lines(site, "answers again after") == 1
+    assert len(site.archived()) == 3

@@ -50,6 +50,7 @@ from importer.dcmtk.store import (
     StoreResult,
     classify_status,
     echo,
+    echo_reached,
     proposal_for,
     store,
 )
@@ -60,7 +61,8 @@ __all__ = [
     "PIXEL_DATA_TAGS", "ROWS", "SEX", "SOP_CLASS", "SOP_INSTANCE_UID", "STUDY_INSTANCE_UID",
     "TRANSFER_SYNTAX", "DcmtkMissing", "Dump", "FindResult", "Outcome", "Stopped",
     "StoreResult", "ToolRun", "chunked", "classify_status", "convert_to_utf8", "convert_un",
-    "decompress", "decompression_tool", "dicom_magic", "dump_tags", "echo", "find_instances",
+    "decompress", "decompression_tool", "dicom_magic", "dump_tags", "echo", "echo_reached",
+    "find_instances",
     "mask_patient_name", "original_attributes_args", "proposal_for", "request_stop", "run",
     "set_charset", "stamp_identity", "stop_requested", "store", "tool_path", "versions",
 ]

@@ -180,3 +180,11 @@ def echo(destination: Destination) -> ToolRun:
     """C-ECHO: does the PACS accept an association from us at all?"""
     return run("echoscu", ["-v", *association_args(destination),
                            destination.host, str(destination.port)], network=True)
+
+
+def echo_reached(result: ToolRun) -> bool:
+    """Did the PACS take the association? A C-ECHO answered, or an association accepted
+    without the Verification service (a PACS that offers storage only answers "No
+    Acceptable Presentation Contexts"): it is up, and only a send can tell more."""
+    return result.exit_code == 0 or any(
+        "No Acceptable Presentation Contexts" in line for line in result.lines)
