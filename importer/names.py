@@ -34,7 +34,27 @@ def groups(name: str) -> list[list[str]]:
 def match(a: str, b: str) -> bool | None:
     """True: some pair of groups that share a script spell the same name (family and given
     in either order); False: groups share a script but none matches; None: no group of one
-    shares a script with a group of the other (or either is empty): not comparable."""
+    shares a script with a group of the other (or either is empty): not comparable.
+
+    `b` may come from a PACS that answers in Latin-1 (Orthanc 1.10 by default): a letter it
+    cannot represent is dropped or written '?', so `a` as such a PACS would spell it matches
+    too (``Ōta^Hanako`` = ``ta^Hanako``); a letter Latin-1 has must still be there."""
+    verdict = _match(a, b)
+    if verdict is not True and any(_match(spelt, b) for spelt in _as_latin_1(a)):
+        return True
+    return verdict
+
+
+def _as_latin_1(name: str) -> list[str]:
+    """The name as a PACS answering in Latin-1 returns it (none when it fits whole)."""
+    name = unicodedata.normalize("NFC", name)
+    if all(ord(ch) < 256 for ch in name):
+        return []
+    return ["".join(ch for ch in name if ord(ch) < 256),
+            "".join(ch if ord(ch) < 256 else "?" for ch in name)]
+
+
+def _match(a: str, b: str) -> bool | None:
     comparable = False
     for left in groups(a):
         for right in groups(b):

@@ -95,7 +95,7 @@ class RefusingSCP:
         ds = event.dataset
         ds.file_meta = event.file_meta
         uid = str(ds.SOPInstanceUID)
-        number = int(ds.InstanceNumber) if "InstanceNumber" in ds else None
+        number = int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None
         with self._lock:
             status = self._status_for(uid, number)
             self.requests.append(Request(uid, number, status))
