@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chaos.runner import LIVENESS, Run
-from chaos.share import Version, signature
+from chaos.share import Version, remaining, signature
 
 EXIT_CODES = {0, 1, 3, -9}  # run-once's codes, and SIGKILL (ours)
+FINDERS = {"orthanc", "forgetful"}  # the receivers that answer our C-FIND
 
 
 @dataclass
@@ -58,7 +59,12 @@ def check(run: Run) -> Verdict:
     for p in places:
         found.setdefault((p.folder, p.rel), []).append(p)
     holdings = {name: r.holdings() for name, r in run.receivers.items()}
-    listed = {name: r.listed() for name, r in run.receivers.items() if r.destination.required}
+    required = [r for r in run.receivers.values() if r.destination.required]
+    # What a PACS that answers C-FIND lists is checked against the folder's PatientID; of one
+    # that answers none, the README promises only that it acknowledged (and so holds) it.
+    listed = {r.destination.name: r.listed() for r in required if r.kind in FINDERS}
+    held_uids = {r.destination.name: {h.sop_uid for h in holdings[r.destination.name]}
+                 for r in required}
     versions_by_uid: dict[str, list[Version]] = {}
     for versions in run.truth.versions.values():
         for ver in versions:
@@ -133,6 +139,9 @@ def check(run: Run) -> Verdict:
         if not sig.dicom or entry is None or entry.get("sent") is False:
             continue
         pid = _identity(p.folder)[0]
+        for dest, uids in held_uids.items():
+            v.expect(sig.sop_uid in uids,
+                     f"archive untruthful: {p.folder!r}/{p.rel} archived but not held by {dest}")
         for dest, holds in listed.items():
             v.expect(holds.get(sig.sop_uid) == pid,
                      f"archive untruthful: {p.folder!r}/{p.rel} archived but {dest} lists "
@@ -223,7 +232,7 @@ def _places(run: Run) -> list[Place]:
             if path.is_file() and not path.name.endswith(".reason.txt"):
                 parts = path.relative_to(top).parts
                 places.append(Place(where, parts[0], parts[1], "/".join(parts[2:]), path))
-    for rel in site.remaining():
+    for rel in remaining(site.import_dir):
         folder, _, inner = rel.partition("/")
         places.append(Place("import", "", folder, inner, site.import_dir / rel))
     return places

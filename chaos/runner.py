@@ -19,7 +19,7 @@ from pathlib import Path
 
 from chaos.pacs import Receiver
 from chaos.scenario import Event, Scenario
-from chaos.share import Share, Truth
+from chaos.share import Share, Truth, remaining
 from simsite.site import IMPORTER, Site
 
 LIVENESS = 150.0  # seconds after the faults stop within which every file has its verdict
@@ -218,7 +218,7 @@ def _left(run: Run) -> list[str]:
     """Files in the import dir that should not stay there (see `Truth.stays`)."""
     stay = {name for i, names in run.truth.names.items() if run.truth.stays(i)
             for name in names}
-    return [p for p in run.site.remaining() if p.split("/", 1)[0] not in stay]
+    return [p for p in remaining(run.site.import_dir) if p.split("/", 1)[0] not in stay]
 
 
 def _loop(importer: Importer, stop: threading.Event) -> None:

@@ -55,11 +55,11 @@ class Truth:
 
     def stays(self, index: int) -> bool:
         """May this folder's files stay in the import dir once all is quiet? A held folder or
-        a refused name, and a folder whose study a required PACS filed under another
-        PatientID (the next run finds the study there and holds the rest: a person decides)."""
+        a refused name; a folder renamed, or whose study a required PACS filed under another
+        PatientID (the next run finds the study there under another ID and holds the rest)."""
         folder = self.scenario.folders[index]
-        if folder.held or not folder.matched:
-            return True
+        if folder.held or not folder.matched or len(self.names.get(index, ())) > 1:
+            return True  # (renamed after images went under the old ID: held, a person decides)
         refiled = {n for d in self.scenario.destinations if d.required for n in d.refile}
         with self.lock:
             return any(v.instance in refiled for (i, _), vs in self.versions.items()
@@ -68,6 +68,15 @@ class Truth:
     def record(self, index: int, rel: str, version: Version) -> None:
         with self.lock:
             self.versions.setdefault((index, rel), []).append(version)
+
+
+def remaining(import_dir: Path) -> list[str]:
+    """Files in the import dir (relative), read while the importer moves them away."""
+    found = []
+    for top, dirs, files in os.walk(import_dir):  # os.walk skips what vanishes meanwhile
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
+            found.append(os.path.relpath(os.path.join(top, name), import_dir))
+    return sorted(found)
 
 
 def signature(path: Path) -> Version:
