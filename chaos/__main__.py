@@ -37,6 +37,7 @@ def run_one(scenario: Scenario, workdir: Path, keep: bool) -> tuple[Verdict, dic
     if not verdict.violations and not keep:
         shutil.rmtree(root, ignore_errors=True)
     else:
+        (root / "share.log").write_text("\n".join(run.truth.done) + "\n", encoding="utf-8")
         click.echo(f"  kept in {root}")
     return verdict, injected
 

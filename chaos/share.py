@@ -52,6 +52,12 @@ class Truth:
     deleted: set[int] = field(default_factory=set)
     preloaded: set[str] = field(default_factory=set)  # UIDs a PACS held before the scenario
     lock: threading.Lock = field(default_factory=threading.Lock)
+    done: list[str] = field(default_factory=list)  # what the share did, when (wall clock)
+
+    def did(self, what: str) -> None:
+        with self.lock:
+            self.done.append(f"{time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d}"
+                             f" {what}")
 
     def stays(self, index: int) -> bool:
         """May this folder's files stay in the import dir once all is quiet? A held folder or
@@ -101,6 +107,8 @@ class Share:
         self.staging = staging
         self.stalled: dict[tuple[int, str], Writer] = {}
         self.writer_failures: list[str] = []  # a writer whose file was taken from under it
+        self.versions: dict[tuple[int, str], Version] = {}  # each staged file's version
+        self.written: set[tuple[int, str]] = set()  # files their first writer has finished
         self._count = 0
 
     def current(self, index: int) -> Path:
@@ -132,7 +140,7 @@ class Share:
             version = signature(src)
             if spec.source == "truncated":
                 version = Version(version.sha256, spec.sop_uid, complete=False)
-            self.truth.record(index, spec.rel, version)
+            self.versions[(index, spec.rel)] = version  # recorded as it is written
             staged[spec.rel] = src
         return staged
 
@@ -142,12 +150,15 @@ class Share:
         target = self.current(index)
         for rel, src in staged.items():
             dst = target / rel
+            self.truth.record(index, rel, self.versions[(index, rel)])
             if stall is not None and rel == stall[0]:
                 self.stalled[(index, rel)] = Writer(
                     src, dst, max(1, src.stat().st_size // 3), close_between=stall[1],
                     control_dir=self.staging)
                 continue
             _copy(src, dst)
+            self.written.add((index, rel))
+            self.truth.did(f"wrote {dst}")
             time.sleep(pace)
 
     def release(self, index: int, rel: str) -> None:
@@ -160,7 +171,10 @@ class Share:
 
     def replace(self, index: int, rel: str, new_version: bool) -> bool:
         """Write the file again under a temporary name and rename it over the old one."""
-        if index in self.truth.deleted:
+        deadline = time.monotonic() + 20
+        while (index, rel) not in self.written and time.monotonic() < deadline:
+            time.sleep(0.05)  # a replacement comes after the first copy, not during it
+        if index in self.truth.deleted or (index, rel) not in self.written:
             return False
         src = self.staging / str(index) / rel
         fresh = self.staging / f"replace-{self._next()}"
@@ -174,8 +188,10 @@ class Share:
                     instance_number=int(ds.InstanceNumber))
         self.truth.record(index, rel, signature(fresh))
         dst = self.current(index) / rel
+        existed = dst.exists()
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.replace(fresh, dst)
+        self.truth.did(f"replaced {dst} (new version: {new_version}; was there: {existed})")
         return True
 
     def add(self, index: int, folder: Folder, count: int, uid: str) -> bool:
@@ -192,6 +208,7 @@ class Share:
                     sex=folder.files[0].sex or None)
             self.truth.record(index, rel, signature(src))
             _copy(src, target / rel)
+            self.truth.did(f"added {target / rel}")
         return True
 
     def delete(self, index: int) -> None:
