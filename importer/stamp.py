@@ -93,9 +93,11 @@ def _stamp_in_place(work: list[tuple[Folder, list[SourceFile], bool]],
             expected |= items
             jobs += [(index, paths, folder.patient, utf8, args) for args, paths in groups.items()]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            runs = list(pool.map(
-                lambda job: dcmtk.stamp_identity(job[1], job[2], utf8=job[3], backup=True,
-                                                 provenance=job[4]), jobs))
+            done = list(pool.map(lambda job: _stamp_job(*job[1:]), jobs))
+        runs = [job_runs for job_runs, _ in done]
+        # What dcmodify left at each path, read as each call ends: a file replaced after
+        # this is someone else's newer version.
+        stamped_as = {path: ident for _, idents in done for path, ident in idents.items()}
         runs_of: dict[int, list[dcmtk.ToolRun]] = {}
         for job, job_runs in zip(jobs, runs, strict=True):
             runs_of.setdefault(job[0], []).extend(job_runs)
@@ -105,13 +107,20 @@ def _stamp_in_place(work: list[tuple[Folder, list[SourceFile], bool]],
             by_path = {f.path: f for f in files}
             for path, problem in _problems(folder, by_path, checked, runs_of.get(index, []),
                                            utf8, expected).items():
-                _settle_in_place(folder, by_path[path], problem)
+                _settle_in_place(folder, by_path[path], problem, stamped_as.get(path))
     finally:
         for folder, _files, _utf8 in work:
             recover_interrupted_stamp(settings, folder.name)
 
 
-def _settle_in_place(folder: Folder, source: SourceFile, problem: str | None) -> None:
+def _stamp_job(paths: list[str], patient: Patient, utf8: bool, provenance: tuple[str, ...]
+               ) -> tuple[list[dcmtk.ToolRun], dict[str, Identity | None]]:
+    runs = dcmtk.stamp_identity(paths, patient, utf8=utf8, backup=True, provenance=provenance)
+    return runs, {path: identity(path) for path in paths}
+
+
+def _settle_in_place(folder: Folder, source: SourceFile, problem: str | None,
+                     stamped_as: Identity | None = None) -> None:
     path = source.path
     backup = path + ".bak"
     original = identity(backup)
@@ -120,6 +129,14 @@ def _settle_in_place(folder: Folder, source: SourceFile, problem: str | None) ->
         # stamped is a partial copy. The original, with its new bytes, goes back.
         os.replace(backup, path)
         folder.writing[path] = "still being written: it changed while being stamped"
+        return
+    if stamped_as is not None and not stamped_as.same_content(identity(path)):
+        # Replaced after dcmodify wrote it (a copy again, a new export): the file there is
+        # a newer version, never to be overwritten by the original it supersedes; it gets
+        # its own quiet period. (Putting the backup back here lost it: chaos seed 209.)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(backup)
+        folder.writing[path] = "still being written: replaced while being stamped"
         return
     if problem is None:
         with contextlib.suppress(FileNotFoundError):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from importer import pipeline, share
+from importer import dcmtk, pipeline, share
 from importer.config import load_settings
 from simsite.dicomgen import make_ct, make_patient_folder
 from simsite.receivers import StoreSCP
@@ -242,6 +242,44 @@ def test_replaced_between_stamp_and_send_is_not_sent_until_stamped(
     assert set(archived) == {"IM00001.dcm", "IM00002.dcm"}
     assert pydicom.dcmread(archived["IM00002.dcm"]).SOPInstanceUID == pydicom.dcmread(
         sources / "IM00003.dcm").SOPInstanceUID
+
+
+def test_replaced_while_being_stamped_keeps_the_new_version_and_waits(
+        site: Site, storescp: StoreSCP, sources: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the fault campaign (chaos seed 209): a file replaced (new inode) after
+    dcmodify wrote the stamped file and before the read-back was quarantined as "the
+    identity could not be written", and the original was put back over the replacement:
+    the newer version was lost. Now the replacement stays, untouched, for its own quiet
+    period, and goes stamped on the next run."""
+    site.use(storescp)
+    target = site.import_dir / FOLDER
+    target.mkdir()
+    for name in ("IM00001.dcm", "IM00002.dcm"):
+        shutil.copy(sources / name, target / name)
+    newer = pydicom.dcmread(sources / "IM00003.dcm").SOPInstanceUID
+    real = dcmtk.dump_tags
+
+    def replace_then_read_back(paths: list[str], *args: object, **kwargs: object) -> object:
+        if os.path.exists(target / "IM00002.dcm.bak"):  # the read-back after dcmodify
+            shutil.copy(sources / "IM00003.dcm", target / ".new")
+            os.replace(target / ".new", target / "IM00002.dcm")
+        return real(paths, *args, **kwargs)
+
+    monkeypatch.setattr(dcmtk, "dump_tags", replace_then_read_back)
+    report = pipeline.run_batch(load_settings({}, site.env))
+    monkeypatch.undo()
+    assert report.exit_code == 1
+    assert site.failed() == {}
+    assert "replaced while being stamped" in report.folders[0].writing[str(target / "IM00002.dcm")]
+    assert pydicom.dcmread(target / "IM00002.dcm").SOPInstanceUID == newer  # not overwritten
+    assert not (target / "IM00002.dcm.bak").exists()
+
+    assert site.run().returncode == 0
+    storescp.stop()
+    assert {ds.SOPInstanceUID for ds in storescp.received_datasets() if ds.PatientID == "4242"} >= {
+        newer}
+    archived = {Path(k).name: v for k, v in site.archived().items()}
+    assert pydicom.dcmread(archived["IM00002.dcm"]).SOPInstanceUID == newer
 
 
 def test_replaced_after_send_is_sent_again_not_archived_stale(
