@@ -24,6 +24,7 @@ from importer.folders import display
 from importer.journal import FileKey, Journal
 from importer.logs import error, event, warn
 from importer.model import Folder, SourceFile
+from importer.share import identity
 from importer.stamp import WORK_DIR_NAME
 from importer.verify import Verifier
 
@@ -242,6 +243,9 @@ class _AnswerRecorder:
         if source is None or path in self.recorded:
             return
         self.recorded.add(path)
+        if (result.outcome is dcmtk.Outcome.DELIVERED and path == source.path
+                and not source.ident.same_content(identity(path))):
+            result = _replaced_while_sent(source, self.destination)
         now = time.monotonic()
         if self.last_answer is not None:
             self.on_pace(now - self.last_answer)
@@ -263,6 +267,19 @@ class _AnswerRecorder:
             self.journal.record(self.destination, self.buffer)
             self.buffer = []
         self.last_flush = time.monotonic()
+
+
+def _replaced_while_sent(source: SourceFile, destination: str) -> dcmtk.StoreResult:
+    """storescu reads the file by its path when its turn comes: replaced since it was
+    stamped (a copy again), what the PACS acknowledged may be the replacement, under the
+    identity it came with. Not delivered: the new version is stamped and sent in its own
+    quiet period; and said loudly, for a PACS that keeps the first copy of an instance.
+    (Found by the fault campaign, chaos seed 211.)"""
+    error("%s was replaced while being sent to %s: the PACS may have received the new copy"
+          " unstamped (under the identity it came with); not counted as delivered, it is"
+          " stamped and sent again at its next quiet period; check that PACS for SOP"
+          " Instance UID %s", display(source.path), destination, source.sop_uid)
+    return dcmtk.StoreResult(dcmtk.Outcome.TRANSIENT, "replaced while being sent")
 
 
 def _smallest_group(seconds_per_file: float | None) -> int:

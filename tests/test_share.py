@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -24,6 +25,7 @@ from importer import dcmtk, pipeline, share
 from importer.config import load_settings
 from simsite.dicomgen import make_ct, make_patient_folder
 from simsite.receivers import StoreSCP
+from simsite.refusing_scp import RefusingSCP
 from simsite.site import Site, Watching, wait_for
 from simsite.writers import Writer, pixel_offset  # noqa: F401
 
@@ -280,6 +282,47 @@ def test_replaced_while_being_stamped_keeps_the_new_version_and_waits(
         newer}
     archived = {Path(k).name: v for k, v in site.archived().items()}
     assert pydicom.dcmread(archived["IM00002.dcm"]).SOPInstanceUID == newer
+
+
+class ReplacingPACS(RefusingSCP):
+    """Takes every file; on the first one, a person copies the folder's second file again
+    (a new inode, unstamped) before storescu has read it."""
+
+    def __init__(self, replace: Path, source: Path) -> None:
+        super().__init__(aet="STORESCP")
+        self.replace, self.source, self.done = replace, source, False
+
+    def _on_store(self, event: Any) -> int:
+        if not self.done:
+            self.done = True
+            shutil.copy(self.source, self.replace.with_name(".again"))
+            os.replace(self.replace.with_name(".again"), self.replace)
+        return super()._on_store(event)
+
+
+def test_replaced_while_being_sent_is_not_counted_and_goes_stamped_next_time(
+        site: Site, sources: Path) -> None:
+    """Found by the fault campaign (chaos seed 211): storescu reads each file by its path
+    when its turn comes; a file copied again in that moment went out unstamped and was
+    counted as delivered. Now its answer does not count (and says so), and its new
+    version goes stamped at its next quiet period."""
+    target = site.import_dir / FOLDER
+    target.mkdir()
+    for name in ("IM00001.dcm", "IM00002.dcm"):
+        shutil.copy(sources / name, target / name)
+    second = pydicom.dcmread(sources / "IM00002.dcm").SOPInstanceUID
+    with ReplacingPACS(target / "IM00002.dcm", sources / "IM00002.dcm") as pacs:
+        site.use(pacs)
+        site.env |= {"RECONCILE": "off", "ASSOCIATIONS": "1"}
+        first = site.run()
+        assert first.returncode == 1, first.stdout
+        assert "IM00002.dcm was replaced while being sent" in first.stdout + first.stderr
+        assert pacs.accepted[second].PatientID != "4242"  # what the PACS got: unstamped
+        assert [Path(k).name for k in site.archived()] == ["IM00001.dcm"]
+        second_run = site.run()
+        assert second_run.returncode == 0, second_run.stdout
+        assert pacs.accepted[second].PatientID == "4242"
+    assert sorted(Path(k).name for k in site.archived()) == ["IM00001.dcm", "IM00002.dcm"]
 
 
 def test_replaced_after_send_is_sent_again_not_archived_stale(
