@@ -161,7 +161,8 @@ def generate(seed: int) -> Scenario:
         pid = f"{rng.randint(1, 99999)}{i}"
         name = rng.choice(NAMES)
         if "hostile-name" in kinds:
-            folder_name, pid, name = rng.choice(HOSTILE), "", ""
+            unused = [h for h in HOSTILE if h not in {f.name for f in folders}]
+            folder_name, pid, name = rng.choice(unused), "", ""
         else:
             folder_name = f"#{pid}-{name}"
         if "known-other-identity" in kinds:
