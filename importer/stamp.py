@@ -248,13 +248,40 @@ def recover_interrupted_stamp(settings: Settings, folder_name: str) -> int:
     except FileNotFoundError:
         return 0
     restored = 0
-    for raw in filter(None, listed.split(b"\0")):
-        path = os.fsdecode(raw)
-        if os.path.lexists(path + ".bak"):
+    backed_up = [p for p in map(os.fsdecode, filter(None, listed.split(b"\0")))
+                 if os.path.lexists(p + ".bak")]
+    ours = _written_by_dcmodify(backed_up)
+    for path in backed_up:
+        if path in ours:
             os.replace(path + ".bak", path)
             restored += 1
+        else:  # copied again since: the newer file stays, the original it replaced goes
+            os.unlink(path + ".bak")
+            event("INFO", "%s: replaced after an interrupted stamping; the newer copy is kept",
+                  display(path))
     intent.unlink()
     return restored
+
+
+def _written_by_dcmodify(paths: list[str]) -> set[str]:
+    """Which of these paths hold what an interrupted dcmodify wrote over its .bak (one more
+    Original Attributes item than the .bak, or not readable whole: a partial write), not a
+    copy someone put there since (chaos seed 121: the .bak went back over it, and the newer
+    copy was lost)."""
+    present = [p for p in paths if os.path.lexists(p)]
+    if not present:
+        return set()
+    tags = (dcmtk.ORIGINAL_ATTRIBUTES,)
+    now = dcmtk.dump_tags(present, tags)
+    before = dcmtk.dump_tags([p + ".bak" for p in present], tags)
+    ours = set(paths) - set(present)  # nothing there: the .bak goes back
+    for path in present:
+        after, original = now[path], before[path + ".bak"]
+        count = int(after.values.get(dcmtk.ORIGINAL_ATTRIBUTES) or 0)
+        if after.error or original.error or count == int(
+                original.values.get(dcmtk.ORIGINAL_ATTRIBUTES) or 0) + 1:
+            ours.add(path)
+    return ours
 
 
 def _identity_problem(dump: dcmtk.Dump, patient: Patient, utf8: bool) -> str | None:
