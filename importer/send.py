@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 from importer import dcmtk, metrics, progress
 from importer.config import Destination, Settings
@@ -24,6 +21,7 @@ from importer.folders import display
 from importer.journal import FileKey, Journal
 from importer.logs import error, event, warn
 from importer.model import Folder, SourceFile
+from importer.scratch import remove_stale, scratch_dir
 from importer.share import identity
 from importer.stamp import WORK_DIR_NAME
 from importer.verify import Verifier
@@ -36,6 +34,7 @@ MIN_FILES_PER_ASSOCIATION = 200
 MIN_FILES_PER_ASSOCIATION_SLOW = 10
 MIN_FILES_PER_ASSOCIATION_UNKNOWN = 100  # not measured yet: hedge between the two
 SLOW_SECONDS_PER_FILE = 0.01
+DECOMPRESSED = "decompress-"  # scratch directories of the copies sent decompressed
 
 
 class Sender:
@@ -53,6 +52,7 @@ class Sender:
         self.reached: set[str] = set()
         self.unreachable: dict[str, str] = {}
         self.verifier = Verifier(settings, journal)
+        remove_stale(settings.import_dir / WORK_DIR_NAME, DECOMPRESSED)  # of a killed run
         workers = sum(d.associations for d in settings.destinations)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="storescu")
         self.verify_pool = ThreadPoolExecutor(max_workers=len(settings.destinations),
@@ -181,10 +181,7 @@ class Sender:
         """Files whose transfer syntax the PACS does not accept: a decompressed copy goes
         where DCMTK can make one (lossy sources only with DECOMPRESS_LOSSY), and the answer
         says so; otherwise a refusal no retry can change (quarantined, with the reason)."""
-        work_root = self.settings.import_dir / WORK_DIR_NAME
-        work_root.mkdir(exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix="decompress-", dir=work_root))
-        try:
+        with scratch_dir(self.settings.import_dir / WORK_DIR_NAME, DECOMPRESSED) as work:
             copies: dict[str, SourceFile] = {}
             refused: list[tuple[FileKey, bool, int, str]] = []
             for index, source in enumerate(files):
@@ -210,8 +207,6 @@ class Sender:
                 self._send(destination, "", list(copies.values()), copies,
                            "; sent decompressed to Explicit VR Little Endian: the PACS"
                            " accepts no transfer syntax of the original")
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
 
     def _note_pace(self, destination: str, seconds: float) -> None:
         with self.pace_lock:

@@ -570,3 +570,28 @@ def test_a_file_replaced_after_a_crash_mid_stamp_is_not_overwritten_by_its_backu
     assert (target / "IM00001.dcm").read_bytes() == (sources / "IM00001.dcm").read_bytes()
     assert (target / "IM00002.dcm").read_bytes() == (sources / "IM00003.dcm").read_bytes()
     assert not os.path.exists(paths[0] + ".bak") and not os.path.exists(paths[1] + ".bak")
+
+
+def test_a_decompressed_copy_left_by_a_killed_send_is_removed_by_the_next_run(
+        site: Site, storescp: StoreSCP) -> None:
+    """Found by the fault campaign (chaos seed 219): run-once killed while it sent a
+    decompressed copy left that copy of a patient's image in the share's work dir for ever.
+    The next run removes such leftovers, never one another importer holds."""
+    import fcntl
+
+    from importer.scratch import LOCK
+    from importer.stamp import WORK_DIR_NAME
+
+    work = site.import_dir / WORK_DIR_NAME
+    stale, busy = work / "decompress-killed", work / "decompress-busy"
+    for d in (stale, busy):
+        d.mkdir(parents=True)
+        (d / "0.dcm").write_bytes(b"a patient's image")
+        (d / LOCK).touch()
+    site.use(storescp)
+    make_patient_folder(site.import_dir, "#77-Jpeg^Less", 1, rows=16)
+    with open(busy / LOCK) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another importer, sending right now
+        assert site.run().returncode == 0
+    assert not stale.exists()
+    assert (busy / "0.dcm").exists()
