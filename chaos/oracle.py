@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chaos.runner import LIVENESS, Run
+from chaos.runner import LIVENESS, Run, held_in_log
 from chaos.share import Version, remaining, signature
 
 EXIT_CODES = {0, 1, 3, -9}  # run-once's codes, and SIGKILL (ours)
@@ -106,7 +106,7 @@ def check(run: Run) -> Verdict:
         if index in run.truth.deleted and not at:
             continue  # the person deleted it before it went
         if [p.where for p in at] == ["import"] and run.truth.stays(index):
-            v.expect(_held_in_log(run, names[-1]), f"left behind: {label} stays in the "
+            v.expect(held_in_log(run, names[-1]), f"left behind: {label} stays in the "
                      "import dir and the log does not say its folder is held")
             continue
         fate = _expected_fate(run, last)
@@ -180,20 +180,6 @@ def check(run: Run) -> Verdict:
     pwned = list(run.site.root.rglob("PWNED")) + list(Path.cwd().glob("PWNED"))
     v.expect(not pwned, f"a folder name ran a command: {pwned}")
     return v
-
-
-def _held_in_log(run: Run, folder_name: str) -> bool:
-    """Does the log say the folder is held (the reason a person reads)?"""
-    log = run.site.log_dir / "log.log"
-    lines = log.read_text(encoding="utf-8", errors="replace").splitlines() if log.exists() else []
-    for line in lines:
-        try:
-            message = str(json.loads(line).get("message", ""))
-        except ValueError:
-            continue
-        if folder_name in message and "held" in message:
-            return True
-    return False
 
 
 def _identity(folder_name: str) -> tuple[str, str]:

@@ -8,6 +8,7 @@ its verdicts, within `LIVENESS` seconds; then the oracle reads every place.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -215,10 +216,31 @@ def _quiesce(run: Run, importer: Importer) -> None:
 
 
 def _left(run: Run) -> list[str]:
-    """Files in the import dir that should not stay there (see `Truth.stays`)."""
+    """Files in the import dir that should not stay there: any but those of a folder that
+    may stay (see `Truth.stays`) and that the log says is held."""
     stay = {name for i, names in run.truth.names.items() if run.truth.stays(i)
-            for name in names}
+            for name in names if held_in_log(run, name)}
     return [p for p in remaining(run.site.import_dir) if p.split("/", 1)[0] not in stay]
+
+
+def held_in_log(run: Run, folder_name: str) -> bool:
+    """Does the log say the folder is held (the reason a person reads)?"""
+    folder = next((f for f in run.scenario.folders if f.name == folder_name), None)
+    if folder is not None and not folder.matched:
+        return True  # a refused name: one warning, and it stays
+    log = run.site.log_dir / "log.log"
+    try:
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        try:
+            message = str(json.loads(line).get("message", ""))
+        except ValueError:
+            continue
+        if folder_name in message and "held" in message:
+            return True
+    return False
 
 
 def _loop(importer: Importer, stop: threading.Event) -> None:
