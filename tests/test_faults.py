@@ -882,3 +882,24 @@ def test_full_failed_dir_never_loses_why_a_file_was_quarantined(site: Site, tmp_
             assert "cut.dcm: left for retry" not in result.stderr, "says left, but it moved"
         else:
             assert still_here
+
+
+def test_an_aborted_association_is_never_a_refusal_whatever_storescu_prints_first(
+        site: Site, tmp_path: Path) -> None:
+    """Found by the fault campaign (chaos seeds 31, 227): with small files storescu prints
+    the failure of the files after an abort on its progress line (`XMIT: E: Store Failed,
+    file: …`, then `E: 0006:020e DIMSE Failed to send message`); that was read as the
+    PACS refusing the file, and after MAX_ATTEMPTS aborts the files were quarantined."""
+    site.env["MAX_ATTEMPTS"] = "1"
+    uids = uids_of(make_patient_folder(site.import_dir, "#32-Abort^Small", 3, rows=16))
+    with StoreSCP(tmp_path / "faulty", extra_args=["--abort-after"]) as faulty:
+        site.use(faulty)
+        for _ in range(2):
+            result = site.run()
+            assert result.returncode == 1, result.stderr
+    assert "refused by" not in result.stderr
+    assert site.failed() == {} and site.archived() == {}
+    with StoreSCP(tmp_path / "working") as working:
+        site.use(working)
+        assert site.run().returncode == 0
+        assert {ds.SOPInstanceUID for ds in working.received_datasets()} == set(uids)

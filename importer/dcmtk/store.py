@@ -33,6 +33,9 @@ _RESPONSE = re.compile(r"^I: Received Store Response \((?P<status>.*)\)\s*$")
 _BAD_FILE = re.compile(r"^E: Bad DICOM file: (?P<rest>.*)$")
 _STORE_FAILED = "E: Store Failed, file: "
 _NO_UID = "E: No SOP Class or Instance UID in file: "
+# storescu -v prints progress dots after "XMIT:" without a newline, so the failure of a
+# file sent after an abort arrives as "XMIT: E: Store Failed, file: …" (chaos seeds 31, 227).
+_XMIT = "XMIT:"
 _DIMSE_TIMEOUT = "DIMSE No data available"  # storescu's wording for a DIMSE timeout
 _CANNOT_CONVERT = re.compile(
     r"unable to convert dataset from '(?P<source>[^']*)' transfer syntax to '(?P<target>[^']*)'")
@@ -117,6 +120,8 @@ class _StoreParser:
 
     def __call__(self, line: str) -> bool:
         """Returns True when the rest of this association is not worth waiting for."""
+        if line.startswith(_XMIT):  # progress dots, then maybe a message on the same line
+            line = line[len(_XMIT):].lstrip(" .")
         if line.startswith(_SENDING):
             self.current, self.failed = line[len(_SENDING):], None
             self.sop, self.unconvertible = "", None
