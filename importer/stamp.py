@@ -119,6 +119,12 @@ def _stamp_job(paths: list[str], patient: Patient, utf8: bool, provenance: tuple
     return runs, {path: identity(path) for path in paths}
 
 
+# dcmodify's words for a file it could not read or write: on a file that validated, the
+# host failed (EIO, ENOSPC on its rename or write), not the file (chaos seed 238).
+_HOST_FAULTS = ("dcmodify said: E: unable to load file", "dcmodify said: E: unable to save",
+                "dcmodify said: E: couldn't save")
+
+
 def _settle_in_place(folder: Folder, source: SourceFile, problem: str | None,
                      stamped_as: Identity | None = None) -> None:
     path = source.path
@@ -145,6 +151,12 @@ def _settle_in_place(folder: Folder, source: SourceFile, problem: str | None,
         return
     if os.path.lexists(backup):
         os.replace(backup, path)  # the original, untouched
+    if any(words in problem for words in _HOST_FAULTS) and source.ident.same_content(
+            identity(path)):
+        # dcmodify could not load or save it (an I/O error, a full disk: the host, not the
+        # file, which validated): the original is back as it was; next run, not quarantine.
+        folder.pending[path] = f"stamping failed on this host, retried at the next run: {problem}"
+        return
     folder.to_quarantine[path] = problem
 
 

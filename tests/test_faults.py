@@ -903,3 +903,25 @@ def test_an_aborted_association_is_never_a_refusal_whatever_storescu_prints_firs
         site.use(working)
         assert site.run().returncode == 0
         assert {ds.SOPInstanceUID for ds in working.received_datasets()} == set(uids)
+
+
+@needs_strace
+def test_an_io_error_while_stamping_leaves_the_file_for_the_next_run(
+        site: Site, storescp: StoreSCP) -> None:
+    """Found by the fault campaign (chaos seed 238): dcmodify's rename of the original to
+    .bak failing with EIO (the host, not the file) made "the identity could not be
+    written" and quarantined a good file at once. It waits for the next run instead."""
+    site.use(storescp)
+    path = make_patient_folder(site.import_dir, "#33-Io^Error", 1, rows=16)[0]
+    original = path.read_bytes()
+    argv = ["strace", "-f", "-qq", "-o", "/dev/null", "-P", str(path), "-e", "trace=rename",
+            "-e", "inject=rename:error=EIO:when=1", IMPORTER, "run-once"]
+    failing = subprocess.run(argv, env=site.env, capture_output=True, text=True,
+                             errors="replace", timeout=120, stdin=subprocess.DEVNULL)
+    assert failing.returncode == 1, failing.stderr
+    assert site.failed() == {} and path.read_bytes() == original
+    assert "stamping failed on this host" in failing.stderr
+    second = site.run()
+    assert second.returncode == 0, second.stderr
+    assert [ds.PatientID for ds in storescp.received_datasets()] == ["33"]
+    assert list(site.archived()) == ["#33-Io^Error/IM00001.dcm"]
