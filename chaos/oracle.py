@@ -103,8 +103,10 @@ def check(run: Run) -> Verdict:
                          f"sent from a {why} folder: {label} is at a PACS")
             continue
         matches = [p for p in at if _matches(p, last)]
-        if index in run.truth.deleted and not at:
-            continue  # the person deleted it before it went
+        if index in run.truth.deleted:  # the person deleted the folder: what went, went whole
+            v.expect(all(any(_matches(p, ver) for ver in versions) for p in at),
+                     f"deleted folder: {label} is somewhere as no version the share held")
+            continue
         if [p.where for p in at] == ["import"] and run.truth.stays(index):
             v.expect(held_in_log(run, names[-1]), f"left behind: {label} stays in the "
                      "import dir and the log does not say its folder is held")

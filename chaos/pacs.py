@@ -6,6 +6,7 @@ import hashlib
 import io
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,15 @@ class Receiver:
             if self.kind == "storescp":
                 self.server = StoreSCP(self.root / "out", aet=self.aet, port=self.port,
                                        extra_args=["--fork", *STORESCP_MODES[mood]])
-            self.server.start()
+            deadline = time.monotonic() + 10
+            while True:  # the children of a storescp --fork just stopped may hold the port
+                try:
+                    self.server.start()
+                    break
+                except RuntimeError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
             self.up = True
 
     def stop(self) -> None:
