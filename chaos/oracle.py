@@ -18,12 +18,13 @@ Whatever happened on the timeline, once the faults stop and the importer is quie
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chaos.runner import LIVENESS, Run, held_in_log
-from chaos.share import Version, remaining, signature
+from chaos.runner import LIVENESS, Run, held_folders
+from chaos.share import Version, signature
 
 EXIT_CODES = {0, 1, 3, -9}  # run-once's codes, and SIGKILL (ours)
 FINDERS = {"orthanc", "forgetful"}  # the receivers that answer our C-FIND
@@ -80,6 +81,7 @@ def check(run: Run) -> Verdict:
             if ver.dicom:
                 versions_by_uid.setdefault(ver.sop_uid, []).append(ver)
     folders = run.scenario.folders
+    held = held_folders(run)
     identities = {}  # SOP UID -> the identities its folders had
     for (index, _), versions in run.truth.versions.items():
         for name in run.truth.names[index]:
@@ -108,7 +110,7 @@ def check(run: Run) -> Verdict:
                      f"deleted folder: {label} is somewhere as no version the share held")
             continue
         if any(p.where == "import" for p in at) and run.truth.stays(index):
-            v.expect(held_in_log(run, names[-1]), f"left behind: {label} stays in the "
+            v.expect(names[-1] in held, f"left behind: {label} stays in the "
                      "import dir and the log does not say its folder is held")
             continue
         fate = _expected_fate(run, last)
@@ -224,7 +226,7 @@ def _matches(place: Place, version: Version) -> bool:
 
 
 def _same_bytes(path: Path, version: Version) -> bool:
-    return signature(path).sha256 == version.sha256
+    return hashlib.sha256(path.read_bytes()).hexdigest() == version.sha256
 
 
 def _reason(path: Path) -> Path:
@@ -239,7 +241,7 @@ def _places(run: Run) -> list[Place]:
             if path.is_file() and not path.name.endswith(".reason.txt"):
                 parts = path.relative_to(top).parts
                 places.append(Place(where, parts[0], parts[1], "/".join(parts[2:]), path))
-    for rel in remaining(site.import_dir):
+    for rel in site.remaining():
         folder, _, inner = rel.partition("/")
         places.append(Place("import", "", folder, inner, site.import_dir / rel))
     return places

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from chaos.pacs import Receiver
 from chaos.scenario import Event, Scenario
-from chaos.share import Share, Truth, remaining
+from chaos.share import Share, Truth
 from simsite.site import IMPORTER, Site
 
 LIVENESS = 150.0  # seconds after the faults stop within which every file has its verdict
@@ -218,29 +218,30 @@ def _quiesce(run: Run, importer: Importer) -> None:
 def _left(run: Run) -> list[str]:
     """Files in the import dir that should not stay there: any but those of a folder that
     may stay (see `Truth.stays`) and that the log says is held."""
+    held = held_folders(run)
     stay = {name for i, names in run.truth.names.items() if run.truth.stays(i)
-            for name in names if held_in_log(run, name)}
-    return [p for p in remaining(run.site.import_dir) if p.split("/", 1)[0] not in stay]
+            for name in names if name in held}
+    return [p for p in run.site.remaining() if p.split("/", 1)[0] not in stay]
 
 
-def held_in_log(run: Run, folder_name: str) -> bool:
-    """Does the log say the folder is held (the reason a person reads)?"""
-    folder = next((f for f in run.scenario.folders if f.name == folder_name), None)
-    if folder is not None and not folder.matched:
-        return True  # a refused name: one warning, and it stays
-    log = run.site.log_dir / "log.log"
+def held_folders(run: Run) -> set[str]:
+    """The folders the log says are held (the reason a person reads), and refused names
+    (one warning each, and they stay)."""
+    held = {f.name for f in run.scenario.folders if not f.matched}
+    names = {name for names in run.truth.names.values() for name in names}
     try:
-        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = (run.site.log_dir / "log.log").read_text(encoding="utf-8",
+                                                         errors="replace").splitlines()
     except OSError:
-        return False
+        return held
     for line in lines:
         try:
             message = str(json.loads(line).get("message", ""))
-        except ValueError:
+        except ValueError:  # a line still being written
             continue
-        if folder_name in message and "held" in message:
-            return True
-    return False
+        if "held" in message:
+            held |= {name for name in names if name in message}
+    return held
 
 
 def _loop(importer: Importer, stop: threading.Event) -> None:

@@ -76,15 +76,6 @@ class Truth:
             self.versions.setdefault((index, rel), []).append(version)
 
 
-def remaining(import_dir: Path) -> list[str]:
-    """Files in the import dir (relative), read while the importer moves them away."""
-    found = []
-    for top, dirs, files in os.walk(import_dir):  # os.walk skips what vanishes meanwhile
-        for name in files + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
-            found.append(os.path.relpath(os.path.join(top, name), import_dir))
-    return sorted(found)
-
-
 def signature(path: Path) -> Version:
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()

@@ -23,7 +23,6 @@ def scratch_dir(work_root: Path, prefix: str) -> Iterator[Path]:
     """A fresh directory, locked while in use, removed afterwards (with the work dir when
     nothing else is in it)."""
     work_root.mkdir(exist_ok=True)
-    remove_stale(work_root, prefix)
     work = Path(tempfile.mkdtemp(prefix=prefix, dir=work_root))
     with open(work / LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -283,12 +283,11 @@ def _written_by_dcmodify(paths: list[str]) -> set[str]:
     present = [p for p in paths if os.path.lexists(p)]
     if not present:
         return set()
-    tags = (dcmtk.ORIGINAL_ATTRIBUTES,)
-    now = dcmtk.dump_tags(present, tags)
-    before = dcmtk.dump_tags([p + ".bak" for p in present], tags)
+    dumps = dcmtk.dump_tags([*present, *(p + ".bak" for p in present)],
+                            (dcmtk.ORIGINAL_ATTRIBUTES,))
     ours = set(paths) - set(present)  # nothing there: the .bak goes back
     for path in present:
-        after, original = now[path], before[path + ".bak"]
+        after, original = dumps[path], dumps[path + ".bak"]
         count = int(after.values.get(dcmtk.ORIGINAL_ATTRIBUTES) or 0)
         if after.error or original.error or count == int(
                 original.values.get(dcmtk.ORIGINAL_ATTRIBUTES) or 0) + 1:

@@ -83,9 +83,13 @@ class Site:
         return found
 
     def remaining(self) -> list[str]:
-        """Files still in the import dir (relative), ignoring nothing."""
-        return sorted(str(p.relative_to(self.import_dir)) for p in self.import_dir.rglob("*")
-                      if p.is_file() or p.is_symlink())
+        """Files (and symlinks) still in the import dir (relative), ignoring nothing; read
+        while the importer may be moving them away (os.walk skips what vanishes meanwhile)."""
+        found = []
+        for top, dirs, files in os.walk(self.import_dir):
+            for name in files + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
+                found.append(os.path.relpath(os.path.join(top, name), self.import_dir))
+        return sorted(found)
 
     def log_records(self) -> list[dict]:
         lines = (self.log_dir / "log.log").read_text(encoding="utf-8").splitlines()
