@@ -83,7 +83,7 @@ def main(seed: int | None, seeds: str, fresh: bool, runs: int, first_seed: int,
     workdir.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + minutes * 60 if minutes else None
     faults: dict[str, int] = {}
-    checks, failed, done, known = 0, [], 0, []
+    checks, failed, done = 0, [], 0
     began = time.monotonic()
     for s in chosen:
         if deadline is not None and time.monotonic() > deadline:
@@ -101,10 +101,6 @@ def main(seed: int | None, seeds: str, fresh: bool, runs: int, first_seed: int,
         click.echo(f"seed {s}: {scenario.mode}, {len(scenario.folders)} folders, "
                    f"{sum(injected.values())} faults, {verdict.checks} checks, "
                    f"{time.monotonic() - started:.0f} s: {status}", err=False)
-        if verdict.known:
-            known.append(s)
-            for line in verdict.known[:5]:
-                click.echo(f"  KNOWN {line}")
         if verdict.violations:
             failed.append(s)
             click.echo(scenario.timeline())
@@ -116,9 +112,7 @@ def main(seed: int | None, seeds: str, fresh: bool, runs: int, first_seed: int,
     click.echo(f"\n{done} scenarios in {(time.monotonic() - began) / 60:.1f} min, "
                f"{checks} checks, {len(failed)} with violations"
                + (f" (seeds {', '.join(map(str, failed))}; replay: make chaos SEED=<seed>)"
-                  if failed else "")
-               + (f"; {len(known)} with known open anomalies only (seeds "
-                  f"{', '.join(map(str, known))})" if known else ""))
+                  if failed else ""))
     for side, kinds in FAULTS.items():
         click.echo(f"  {side:9} " + ", ".join(f"{k} {faults.get(k, 0)}" for k in kinds))
     sys.exit(1 if failed or not done else 0)

@@ -28,26 +28,17 @@ from chaos.share import Version, signature
 
 EXIT_CODES = {0, 1, 3, -9}  # run-once's codes, and SIGKILL (ours)
 FINDERS = {"orthanc", "forgetful"}  # the receivers that answer our C-FIND
-# Open (issue 21's note): one SOP Instance UID in the folders of two patients, sent to a PACS
-# that answers no study-level query (or keeps the first copy / the last one): the second
-# folder is sent under its ID and both are archived; the importer does not yet remember
-# under which PatientID it sent an instance. Reported, not counted as a violation.
-KNOWN_SHARED_INSTANCE = "known, open: one instance in two patients' folders"
 
 
 @dataclass
 class Verdict:
     checks: int = 0
     violations: list[str] = field(default_factory=list)
-    known: list[str] = field(default_factory=list)  # broken promises of an open bug (KNOWN)
 
-    def expect(self, condition: bool, message: str, known: str = "") -> None:
+    def expect(self, condition: bool, message: str) -> None:
         self.checks += 1
         if not condition:
-            if known:
-                self.known.append(f"{message} [{known}]")
-            else:
-                self.violations.append(message)
+            self.violations.append(message)
 
 
 @dataclass(frozen=True)
@@ -115,10 +106,13 @@ def check(run: Run) -> Verdict:
             continue
         fate = _expected_fate(run, last)
         if last.dicom and len({i for i, _ in identities.get(last.sop_uid, set())}) > 1:
-            # One instance in the folders of two patients: a PACS that lists it under the
-            # other ID gets it quarantined (right), one that cannot tell gets it twice (KNOWN).
-            v.expect(any(p.where in ("archive", "failed") for p in matches),
-                     f"lost: {label} (an instance two patients' folders hold)")
+            # One instance in the folders of two patients: the folder that comes second is
+            # held (the importer remembers whose each study is), or quarantined where a PACS
+            # lists it under the other ID.
+            v.expect(any(p.where in ("archive", "failed") for p in matches)
+                     or (any(p.where == "import" for p in at) and names[-1] in held),
+                     f"lost: {label} (an instance two patients' folders hold) found "
+                     f"{[(p.where, p.folder) for p in at]}")
             continue
         if fate == "failed":
             ok = any(p.where == "failed" and _reason(p.path).exists() for p in matches)
@@ -163,12 +157,10 @@ def check(run: Run) -> Verdict:
         for dest, uids in held_uids.items():
             v.expect(sig.sop_uid in uids,
                      f"archive untruthful: {p.folder!r}/{p.rel} archived but not held by {dest}")
-        shared = len({i for i, _ in identities.get(sig.sop_uid, set())}) > 1
         for dest, holds in listed.items():
             v.expect(holds.get(sig.sop_uid) == pid,
                      f"archive untruthful: {p.folder!r}/{p.rel} archived but {dest} lists "
-                     f"{holds.get(sig.sop_uid)!r} for it, not {pid!r}",
-                     known=KNOWN_SHARED_INSTANCE if shared else "")
+                     f"{holds.get(sig.sop_uid)!r} for it, not {pid!r}")
             answer = entry.get("destinations", {}).get(dest, {})
             v.expect(answer.get("time") is not None,
                      f"receipt: {p.folder!r}/{p.rel} has no answer from {dest}: {answer}")

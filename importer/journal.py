@@ -50,6 +50,12 @@ CREATE TABLE IF NOT EXISTS destination (
     failing_since    REAL,           -- first failure since its last success
     seconds_per_file REAL            -- time between its answers, as last measured
 );
+CREATE TABLE IF NOT EXISTS study (
+    study_uid  TEXT PRIMARY KEY,     -- a study this importer has sent (a file acknowledged)
+    patient_id TEXT NOT NULL,        -- the PatientID its first acknowledged file went under
+    folder     BLOB NOT NULL,        -- the folder it came from
+    sent_at    REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS release (
     folder      BLOB PRIMARY KEY,    -- a held folder a person let go on (importer release)
     released_at REAL NOT NULL,
@@ -127,6 +133,13 @@ class Delivery:
     superseded: int = 0  # earlier versions of this file the PACS had acknowledged
     verified_by: str | None = None  # 'c-find', or 'c-store' (no C-FIND could tell)
     verify_error: str | None = None  # why the last C-FIND gave no verdict
+
+
+@dataclass(frozen=True, slots=True)
+class SentStudy:
+    patient_id: str
+    folder: str
+    sent_at: float
 
 
 def _shared(texts: dict[str, str], text: str | None) -> str | None:
@@ -210,9 +223,12 @@ class Journal:
         self,
         destination: str,
         outcomes: Iterable[tuple[FileKey, bool, int, str]],
+        studies: Iterable[tuple[str, str, str]] = (),
     ) -> None:
         """Store (key, delivered, refusals, status) per file after a send, in one transaction:
-        refusals is 1 for a refusal, more for one no retry can change."""
+        refusals is 1 for a refusal, more for one no retry can change. studies: (study UID,
+        PatientID, folder) of the files acknowledged; the first PatientID a study went
+        under is the one remembered."""
         now = time.time()
         outcomes = list(outcomes)
         delivered_any = any(delivered for _k, delivered, _r, _s in outcomes)
@@ -226,6 +242,11 @@ class Journal:
                  now if delivered else None, int(refused), status,
                  None if delivered else status, now)
                 for key, delivered, refused, status in outcomes))
+            self.db.executemany(
+                "INSERT INTO study (study_uid, patient_id, folder, sent_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
+                ((uid, patient_id, os.fsencode(folder), now)
+                 for uid, patient_id, folder in studies))
             self.db.execute("INSERT INTO destination (name) VALUES (?) ON CONFLICT DO NOTHING",
                             (destination,))
             if last_success is not None:
@@ -304,6 +325,20 @@ class Journal:
                                 " ON CONFLICT (name) DO UPDATE SET"
                                 " seconds_per_file = excluded.seconds_per_file",
                                 (name, seconds))
+
+    def studies_sent(self, study_uids: Iterable[str]) -> dict[str, SentStudy]:
+        """Which of these studies this importer has sent, and under which PatientID."""
+        uids = list(dict.fromkeys(study_uids))
+        found: dict[str, SentStudy] = {}
+        with self.lock:
+            for start in range(0, len(uids), 500):
+                part = uids[start:start + 500]
+                rows = self.db.execute(
+                    "SELECT study_uid, patient_id, folder, sent_at FROM study WHERE study_uid"
+                    f" IN ({','.join('?' * len(part))})", part)
+                found.update((uid, SentStudy(pid, os.fsdecode(folder), at))
+                             for uid, pid, folder, at in rows)
+        return found
 
     def record_release(self, folder: str, accepted: str, reason: str, by: str,
                        versions: Iterable[tuple[str, int, int]]) -> None:

@@ -123,7 +123,8 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
         try:
             under_way: list[tuple[list[Folder], list[Future[None]]]] = []
             with Sender(settings, journal, down) as sender:
-                reconciler = _reconciler(settings, matched, sender.verifier.note_refused, down)
+                reconciler = _reconciler(settings, matched, sender.verifier.note_refused, down,
+                                         journal)
                 for chunk, magic in _chunks(groups, journal, recovered):
                     # Many folders' files per tool call (a tool's start costs more than a
                     # small folder's files), a chunk at a time (memory stays flat in the
@@ -165,12 +166,13 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
 
 def _reconciler(settings: Settings, matched: list[tuple[str, Patient]],
                 on_refused: Callable[[Destination, str, str], None] | None = None,
-                down: dict[str, str] | None = None) -> Reconciler | None:
+                down: dict[str, str] | None = None,
+                journal: Journal | None = None) -> Reconciler | None:
     """Ask what the site knows of every folder's patient ID, from the start of the batch:
     the answers arrive while the first chunks are read (RECONCILE=off: not at all)."""
     if settings.reconcile == "off":
         return None
-    reconciler = Reconciler(settings, on_refused, down)
+    reconciler = Reconciler(settings, on_refused, down, journal)
     reconciler.ask(patient.id for _name, patient in matched)
     return reconciler
 

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from importer import dcmtk, names
+from importer.claims import OWN_RECORD, Claims
 from importer.config import Destination, Settings
 from importer.dcmtk.find import Query, decode_value, find_many
 from importer.folders import display
+from importer.journal import Journal
 from importer.logs import MASK, event, warn
 from importer.model import Folder
 
@@ -132,8 +134,9 @@ class Reconciler:
 
     def __init__(self, settings: Settings,
                  on_refused: Callable[[Destination, str, str], None] | None = None,
-                 down: dict[str, str] | None = None) -> None:
+                 down: dict[str, str] | None = None, journal: Journal | None = None) -> None:
         self.settings = settings
+        self.claims = Claims(journal)  # whose each study is, by what this importer sent
         self.down = down or {}  # known to be down (watch): not asked
         self.on_refused = on_refused  # tells the verifier: spares it a probe per study
         self.sources = [d for d in settings.destinations if d.required]
@@ -288,6 +291,9 @@ def reconcile(folders: list[Folder], dumps: dict[str, dcmtk.Dump], settings: Set
         judgement = judge(folder.patient.name, {person for _id, person in found},
                           reconciler.known(folder.patient.id), elsewhere.get(folder.name, {}),
                           show)
+        if own := reconciler.claims.conflicts(folder):
+            judgement.conflicts.append(f"{OWN_RECORD}: " + "; ".join(own))
+            judgement.per_source[OWN_RECORD] = "conflict: " + "; ".join(own)
         folder.reconciliation = {
             "policy": settings.reconcile, "sources": judgement.per_source,
             "original_identities": for_receipt(found, settings.log_patient_names)}
@@ -307,3 +313,5 @@ def reconcile(folders: list[Folder], dumps: dict[str, dcmtk.Dump], settings: Set
                    f" {', '.join(judgement.unchecked)} (RECONCILE=required)")
             folder.pending.update((f.path, why) for f in folder.files)
             folder.files = []
+        if not folder.held:
+            reconciler.claims.claim(folder)

@@ -22,7 +22,7 @@ from importer.journal import FileKey, Journal
 from importer.logs import error, event, warn
 from importer.model import Folder, SourceFile
 from importer.scratch import remove_stale, scratch_dir
-from importer.share import identity
+from importer.share import Identity
 from importer.stamp import WORK_DIR_NAME
 from importer.verify import Verifier
 
@@ -88,12 +88,12 @@ class Sender:
             if destination.name in self.skip:
                 continue
             todo: list[SourceFile] = []
-            counted: dict[str, str] = {}
+            owners: dict[str, Folder] = {}
             for folder in folders:
                 todo_here = self._todo(destination, folder)
                 todo += todo_here
-                if destination is first and progress.active():
-                    counted.update((f.path, folder.name) for f in todo_here)
+                owners.update((f.path, folder) for f in todo_here)
+            counted = destination is first and progress.active()
             sends = []
             if todo:
                 groups = _split(todo, destination, _smallest_group(self.pace.get(destination.name)))
@@ -103,7 +103,7 @@ class Sender:
                       what, len(todo), destination.label, len(groups),
                       "" if len(groups) == 1 else "s")
                 sends = [self.pool.submit(self._send, destination, transfer_syntax, group,
-                                          None, "", counted)
+                                          owners, counted)
                          for transfer_syntax, group in groups]
                 begun += sends
             if destination.verify != "none":
@@ -142,18 +142,23 @@ class Sender:
                          sum(after[f.key].verified_by == "c-find" for f in check))
 
     def _send(self, destination: Destination, transfer_syntax: str,
-              files: list[SourceFile], sent_as: dict[str, SourceFile] | None = None,
-              note: str = "", counted: dict[str, str] | None = None) -> None:
-        """One storescu run; sent_as maps the paths sent (decompressed copies) to the
-        files they stand for, whose journal rows get the answers; counted maps a file to
-        the folder whose progress line counts its answer."""
+              files: list[SourceFile], owners: dict[str, Folder], counted: bool,
+              sent_as: dict[str, SourceFile] | None = None, note: str = "") -> None:
+        """One storescu run; owners maps each file to its folder; counted: its answers
+        count on the folders' progress lines; sent_as maps the paths sent (decompressed
+        copies) to the files they stand for, whose journal rows get the answers."""
         by_path = sent_as or {f.path: f for f in files}
         recorder = _AnswerRecorder(self.journal, destination.name, by_path,
                                    lambda seconds: self._note_pace(destination.name, seconds),
-                                   note, counted)
+                                   owners, counted, note)
+        def still(path: str, opened: os.stat_result) -> bool:
+            """The file opened for storescu is the version stamped (a decompressed copy is
+            the scratch file itself)."""
+            return sent_as is not None or by_path[path].ident.same_content(Identity.of(opened))
+
         try:
             results, error = dcmtk.store(destination, list(by_path), transfer_syntax,
-                                         on_answer=recorder.add)
+                                         on_answer=recorder.add, still=still)
         except (dcmtk.DcmtkMissing, dcmtk.Stopped) as exc:
             results, error = {}, str(exc)
         recorder.flush()
@@ -174,10 +179,12 @@ class Sender:
                 recorder.add(path, result)
         recorder.flush()
         if unaccepted:
-            self._send_decompressed(destination, [by_path[p] for p in unaccepted], unaccepted)
+            self._send_decompressed(destination, [by_path[p] for p in unaccepted], unaccepted,
+                                    owners, counted)
 
     def _send_decompressed(self, destination: Destination, files: list[SourceFile],
-                           why: dict[str, str]) -> None:
+                           why: dict[str, str], owners: dict[str, Folder],
+                           counted: bool) -> None:
         """Files whose transfer syntax the PACS does not accept: a decompressed copy goes
         where DCMTK can make one (lossy sources only with DECOMPRESS_LOSSY), and the answer
         says so; otherwise a refusal no retry can change (quarantined, with the reason)."""
@@ -204,7 +211,7 @@ class Sender:
             if refused:
                 self.journal.record(destination.name, refused)
             if copies:
-                self._send(destination, "", list(copies.values()), copies,
+                self._send(destination, "", list(copies.values()), owners, counted, copies,
                            "; sent decompressed to Explicit VR Little Endian: the PACS"
                            " accepts no transfer syntax of the original")
 
@@ -220,16 +227,20 @@ class _AnswerRecorder:
     0.1 s of answers (and whatever an orphaned storescu sends after its parent died)."""
 
     def __init__(self, journal: Journal, destination: str, files: dict[str, SourceFile],
-                 on_pace: Callable[[float], None], note: str = "",
-                 counted: dict[str, str] | None = None) -> None:
+                 on_pace: Callable[[float], None], owners: dict[str, Folder],
+                 counted: bool, note: str = "") -> None:
         self.journal = journal
         self.destination = destination
         self.files = files
         self.on_pace = on_pace  # told the time between two answers of this association
+        self.owners = owners  # file -> its folder
+        self.counted = counted  # answers count on the folders' progress lines
         self.note = note  # added to each answer's status (e.g. sent decompressed)
-        self.counted = counted or {}  # file -> the folder whose progress line counts it
         self.recorded: set[str] = set()
         self.buffer: list[tuple[FileKey, bool, int, str]] = []
+        # (study, PatientID, folder) acknowledged: the journal remembers whose a study is
+        self.studies: set[tuple[str, str, str]] = set()
+        self.studies_recorded: set[tuple[str, str, str]] = set()
         self.last_flush = time.monotonic()
         self.last_answer: float | None = None
 
@@ -238,15 +249,15 @@ class _AnswerRecorder:
         if source is None or path in self.recorded:
             return
         self.recorded.add(path)
-        if (result.outcome is dcmtk.Outcome.DELIVERED and path == source.path
-                and not source.ident.same_content(identity(path))):
-            result = _replaced_while_sent(source, self.destination)
         now = time.monotonic()
         if self.last_answer is not None:
             self.on_pace(now - self.last_answer)
         self.last_answer = now
-        if label := self.counted.get(source.path):
-            progress.add(label, "answered")
+        owner = self.owners.get(source.path)
+        if owner is not None and self.counted:
+            progress.add(owner.name, "answered")
+        if owner is not None and source.study_uid and result.outcome is dcmtk.Outcome.DELIVERED:
+            self.studies.add((source.study_uid, owner.patient.id, owner.name))
         metrics.inc("dicom_importer_files_total", destination=self.destination,
                     outcome=result.outcome.value)
         metrics.inc("dicom_importer_bytes_total", source.size, destination=self.destination,
@@ -259,22 +270,11 @@ class _AnswerRecorder:
 
     def flush(self) -> None:
         if self.buffer:
-            self.journal.record(self.destination, self.buffer)
+            studies = self.studies - self.studies_recorded
+            self.journal.record(self.destination, self.buffer, studies)
+            self.studies_recorded |= studies
             self.buffer = []
         self.last_flush = time.monotonic()
-
-
-def _replaced_while_sent(source: SourceFile, destination: str) -> dcmtk.StoreResult:
-    """storescu reads the file by its path when its turn comes: replaced since it was
-    stamped (a copy again), what the PACS acknowledged may be the replacement, under the
-    identity it came with. Not delivered: the new version is stamped and sent in its own
-    quiet period; and said loudly, for a PACS that keeps the first copy of an instance.
-    (Found by the fault campaign, chaos seed 211.)"""
-    error("%s was replaced while being sent to %s: the PACS may have received the new copy"
-          " unstamped (under the identity it came with); not counted as delivered, it is"
-          " stamped and sent again at its next quiet period; check that PACS for SOP"
-          " Instance UID %s", display(source.path), destination, source.sop_uid)
-    return dcmtk.StoreResult(dcmtk.Outcome.TRANSIENT, "replaced while being sent")
 
 
 def _smallest_group(seconds_per_file: float | None) -> int:

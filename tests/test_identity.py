@@ -258,21 +258,27 @@ def test_only_the_identity_and_the_character_set_change(site: Site, storescp: St
          extra=with_text("ISO 2022 IR 149", KOREAN, iso2022_kr))
     # An ASCII name needs no character set: other text stays in its own, byte for byte.
     ascii_folder = {"ascii.dcm": None, "latin1.dcm": None, "iso-ir-149-euc-kr.dcm": None}
-    make(src / "iso-ir-149-euc-kr.dcm", extra=with_text("ISO_IR 149", KOREAN, euc_kr))
-    for folder, files in (("#4321-홍길동", korean), ("#4322-Doe^John", ascii_folder)):
+    # Its own images (the same study in two patients' folders would be held: claims.py).
+    own = tmp_path / "own"
+    make(own / "ascii.dcm")
+    make(own / "latin1.dcm", extra=with_text("ISO_IR 100", LATIN, encoder("latin-1")))
+    make(own / "iso-ir-149-euc-kr.dcm", extra=with_text("ISO_IR 149", KOREAN, euc_kr))
+    for folder, files, origin in (("#4321-홍길동", korean, src),
+                                  ("#4322-Doe^John", ascii_folder, own)):
         for name in files:
             (site.import_dir / folder).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src / name, site.import_dir / folder / name)
+            shutil.copyfile(origin / name, site.import_dir / folder / name)
 
     result = site.run()
 
     assert result.returncode == 0, result.stderr
     archived = site.archived()
     assert len(archived) == len(korean) + len(ascii_folder) and site.failed() == {}
-    for folder, files, identity in (("#4321-홍길동", korean, ("4321", "홍길동", "ISO_IR 192")),
-                                    ("#4322-Doe^John", ascii_folder, ("4322", "Doe^John", None))):
+    for folder, files, identity, origin in (
+            ("#4321-홍길동", korean, ("4321", "홍길동", "ISO_IR 192"), src),
+            ("#4322-Doe^John", ascii_folder, ("4322", "Doe^John", None), own)):
         for name, charset in files.items():
-            original, done = src / name, archived[f"{folder}/{name}"]
+            original, done = origin / name, archived[f"{folder}/{name}"]
             reencoded = assert_only_identity_changed(original, done, converted_from=charset)
             ds, before = pydicom.dcmread(done), pydicom.dcmread(original)
             assert (ds.PatientID, str(ds.PatientName)) == identity[:2], name

@@ -480,3 +480,67 @@ def test_watch_holds_once_and_goes_on_when_released(site: Site, orthanc: Orthanc
     finally:
         watcher.stop()
     assert "was released: processing it" in watcher.output
+
+
+# --- the importer's own record: whose each study is ---------------------------------------------
+
+
+def test_a_study_sent_under_one_id_holds_a_folder_of_it_under_another(
+        site: Site, storescp: StoreSCP) -> None:
+    """Found by the fault campaign (chaos seeds 51, 74, 201, 212): the same images in the
+    folders of two patients, and a PACS that answers no C-FIND (storescp), so cannot say
+    the study is filed elsewhere. Both went, and one image was filed under both people.
+    Now the second folder is held, untouched, naming the first."""
+    site.use(storescp)
+    make_patient_folder(site.import_dir, "#30001-Park^Jisoo", 2)
+    assert site.run().returncode == 0
+    # The same CD, dropped again under another patient's ID (a wrong digit).
+    again = site.import_dir / "#30007-Park^Jisoo"
+    again.mkdir()
+    archived = sorted(site.archived().values())
+    for path in archived:
+        shutil.copy(path, again / path.name)
+    before = digests(again)
+
+    result = site.run()
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert digests(again) == before  # not stamped, not sent
+    assert {ds.PatientID for ds in storescp.received_datasets()} == {"30001"}
+    study = pydicom.dcmread(archived[0], stop_before_pixels=True).StudyInstanceUID
+    (line,) = [w for w in result.stderr.splitlines() if "[WARN]" in w and "held" in w]
+    assert (f"study {study} was sent by this importer under PatientID '30001'"
+            " (folder #30001-Park^Jisoo" in line), line
+    held = json.loads(site.run("status", "--json").stdout)["held"]
+    assert [h["folder"] for h in held] == ["#30007-Park^Jisoo"]
+
+
+def test_two_folders_of_one_study_under_two_ids_in_one_batch_send_only_the_first(
+        site: Site, storescp: StoreSCP) -> None:
+    site.use(storescp)
+    files = make_patient_folder(site.import_dir, "#30011-Han^Sora", 2)
+    twin = site.import_dir / "#30017-Han^Sora"
+    twin.mkdir()
+    for path in files:
+        shutil.copy(path, twin / path.name)
+
+    result = site.run()
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    held = json.loads(site.run("status", "--json").stdout)["held"]
+    (held_folder,) = [h["folder"] for h in held]
+    sent_id = ({"#30011-Han^Sora", "#30017-Han^Sora"} - {held_folder}).pop()[1:6]
+    assert {ds.PatientID for ds in storescp.received_datasets()} == {sent_id}
+    assert "is also in folder" in held[0]["reason"]
+
+
+def test_the_same_study_twice_under_one_id_is_not_held(site: Site, storescp: StoreSCP) -> None:
+    """A CD copied twice for the same patient (a second folder, the name spelt otherwise)."""
+    site.use(storescp)
+    files = make_patient_folder(site.import_dir, "#30021-Yoon^Mina", 2)
+    assert site.run().returncode == 0
+    again = site.import_dir / "#30021-YOON^MINA"
+    again.mkdir()
+    shutil.copy(next(iter(site.archived().values())), again / files[0].name)
+    result = site.run()
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -8,6 +8,7 @@ quarantined early and that nothing was lost.
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -300,12 +301,13 @@ class ReplacingPACS(RefusingSCP):
         return super()._on_store(event)
 
 
-def test_replaced_while_being_sent_is_not_counted_and_goes_stamped_next_time(
+def test_replaced_while_being_sent_the_pacs_gets_the_stamped_version(
         site: Site, sources: Path) -> None:
-    """Found by the fault campaign (chaos seed 211): storescu reads each file by its path
-    when its turn comes; a file copied again in that moment went out unstamped and was
-    counted as delivered. Now its answer does not count (and says so), and its new
-    version goes stamped at its next quiet period."""
+    """Found by the fault campaign (chaos seeds 54, 158, 209, 211): storescu read each file
+    by its path when its turn came; a file copied again in that moment went out unstamped,
+    and a PACS that keeps the first copy of an instance (Orthanc) kept it under the wrong
+    identity. Now storescu reads the file opened before it started: the PACS gets the
+    stamped version, and the new copy waits for its own quiet period, then goes stamped."""
     target = site.import_dir / FOLDER
     target.mkdir()
     for name in ("IM00001.dcm", "IM00002.dcm"):
@@ -315,14 +317,48 @@ def test_replaced_while_being_sent_is_not_counted_and_goes_stamped_next_time(
         site.use(pacs)
         site.env |= {"RECONCILE": "off", "ASSOCIATIONS": "1"}
         first = site.run()
-        assert first.returncode == 1, first.stdout
-        assert "IM00002.dcm was replaced while being sent" in first.stdout + first.stderr
-        assert pacs.accepted[second].PatientID != "4242"  # what the PACS got: unstamped
+        assert first.returncode == 1, first.stdout  # the new copy is still settling
+        assert {uid: ds.PatientID for uid, ds in pacs.accepted.items()} == {
+            pydicom.dcmread(sources / "IM00001.dcm").SOPInstanceUID: "4242", second: "4242"}
         assert [Path(k).name for k in site.archived()] == ["IM00001.dcm"]
+        assert pydicom.dcmread(target / "IM00002.dcm").PatientID != "4242"  # the new copy
         second_run = site.run()
         assert second_run.returncode == 0, second_run.stdout
         assert pacs.accepted[second].PatientID == "4242"
-    assert sorted(Path(k).name for k in site.archived()) == ["IM00001.dcm", "IM00002.dcm"]
+    archived = {Path(k).name: v for k, v in site.archived().items()}
+    assert sorted(archived) == ["IM00001.dcm", "IM00002.dcm"]
+    assert pydicom.dcmread(archived["IM00002.dcm"]).PatientID == "4242"
+
+
+def test_a_file_replaced_before_storescu_opens_it_is_not_sent(
+        site: Site, sources: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replaced between stamping and the send: the new copy is not the version stamped, so
+    it is not sent at all (neither unstamped nor counted); it goes at its next quiet period."""
+    store_module = importlib.import_module("importer.dcmtk.store")  # (dcmtk.store: the function)
+    target = site.import_dir / FOLDER
+    target.mkdir()
+    for name in ("IM00001.dcm", "IM00002.dcm"):
+        shutil.copy(sources / name, target / name)
+    second = pydicom.dcmread(sources / "IM00002.dcm").SOPInstanceUID
+    real_pin = store_module._pin
+
+    def replace_then_pin(paths: list[str], *args: Any) -> Any:
+        if str(target / "IM00002.dcm") in paths:
+            shutil.copy(sources / "IM00002.dcm", target / ".again")
+            os.replace(target / ".again", target / "IM00002.dcm")
+        return real_pin(paths, *args)
+
+    with RefusingSCP(aet="STORESCP") as pacs:
+        site.use(pacs)
+        site.env |= {"RECONCILE": "off"}
+        monkeypatch.setattr(store_module, "_pin", replace_then_pin)
+        report = pipeline.run_batch(load_settings({}, site.env))
+        monkeypatch.undo()
+        assert report.exit_code == 1
+        assert second not in pacs.accepted
+        assert [Path(k).name for k in site.archived()] == ["IM00001.dcm"]
+        assert site.run().returncode == 0
+        assert pacs.accepted[second].PatientID == "4242"
 
 
 def test_replaced_after_send_is_sent_again_not_archived_stale(

@@ -12,7 +12,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,9 +132,12 @@ def run(
     *,
     on_line: Callable[[str], bool | None] | None = None,
     network: bool = False,
+    pinned: Mapping[int, str] | None = None,
 ) -> ToolRun:
     """Run one DCMTK tool to completion, streaming its merged stdout/stderr to on_line;
-    on_line returning True ends the tool early (e.g. storescu after a DIMSE timeout)."""
+    on_line returning True ends the tool early (e.g. storescu after a DIMSE timeout);
+    pinned: descriptor -> file, the open files the tool inherits and reads as /dev/fd/N
+    (the log record names the files)."""
     if _stopping.is_set():
         raise Stopped(f"not starting {tool}: shutting down")
     command = sh.Command(tool_path(tool))
@@ -159,6 +162,7 @@ def run(
                 _ok_code=list(range(256)),
                 _encoding=_FS_CODEC,  # argv: file names that are not UTF-8 pass unchanged
                 _env=env,
+                _pass_fds=set(pinned or ()),
                 _return_cmd=True,
                 # sh's own debug logging formats the whole argv into its messages even when
                 # nothing logs them: a short context keeps that cheap.
@@ -192,6 +196,8 @@ def run(
     result = ToolRun(tool, [tool, *args], exit_code, time.monotonic() - started, lines)
     metrics.tool_ran(tool, result.seconds)
     argv, output = result.argv, lines
+    if pinned:
+        argv, output = _named(argv, pinned), _named(output, pinned)
     if logs.hiding_names():  # LOG_PATIENT_NAMES=false: no PatientName value in the record
         argv = [mask_patient_name(arg) for arg in argv]
         output = [mask_patient_name(line) for line in lines]
@@ -214,6 +220,15 @@ def mask_patient_name(text: str) -> str:
     if "(0010,0010)" not in text:
         return text
     return _PATIENT_NAME_VALUE.sub(lambda m: m["head"] + logs.MASK, text)
+
+
+_PINNED = re.compile(r"/dev/fd/(\d+)")
+
+
+def _named(texts: list[str], pinned: Mapping[int, str]) -> list[str]:
+    """texts with each /dev/fd/N replaced by the file it is."""
+    return [_PINNED.sub(lambda m: pinned.get(int(m[1]), m[0]), text) if "/dev/fd/" in text
+            else text for text in texts]
 
 
 def chunked(paths: Sequence[str], fixed_bytes: int = 0) -> Iterator[list[str]]:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
+import os
 import re
+import resource
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
 from importer.config import Destination
-from importer.dcmtk.runner import ToolRun, chunked, run
+from importer.dcmtk.runner import ToolRun, run
+
+# Files per storescu run, at most (a start costs ~10 ms of CPU: negligible per 1,000).
+MAX_FILES_PER_ASSOCIATION = 1000
 
 # --- storescu ---------------------------------------------------------------------------
 
@@ -36,6 +44,8 @@ _NO_UID = "E: No SOP Class or Instance UID in file: "
 # storescu -v prints progress dots after "XMIT:" without a newline, so the failure of a
 # file sent after an abort arrives as "XMIT: E: Store Failed, file: …" (chaos seeds 31, 227).
 _XMIT = "XMIT:"
+_PINNED = "/dev/fd/"
+_PINNED_NAME = re.compile(r"/dev/fd/\d+")
 _DIMSE_TIMEOUT = "DIMSE No data available"  # storescu's wording for a DIMSE timeout
 _CANNOT_CONVERT = re.compile(
     r"unable to convert dataset from '(?P<source>[^']*)' transfer syntax to '(?P<target>[^']*)'")
@@ -80,22 +90,50 @@ def proposal_for(transfer_syntax: str) -> str:
 
 def store(destination: Destination, paths: Sequence[str], proposal: str = "",
           on_answer: Callable[[str, StoreResult], None] | None = None,
+          still: Callable[[str, os.stat_result], bool] | None = None,
           ) -> tuple[dict[str, StoreResult], str]:
     """Send files over one association per chunk; return each file's result.
 
     A file counts as delivered only by the PACS's own answer for it. Files for which no
     answer arrived (connection refused, association rejected or aborted) are TRANSIENT.
     The second value is the association-level error, if any.
+
+    Each file is opened before storescu starts and storescu reads that open file
+    (/dev/fd/N), not the path: a copy landing on the path meanwhile is not what goes (it
+    went unstamped, chaos seeds 54, 158, 209, 211). still(path, stat) says whether the
+    opened file is the version meant to go; one that is not stays for its next run.
     """
     # -R: propose only the SOP classes present, so classes outside storescu's default list
     # (e.g. Segmentation) can be sent too.
     args = ["-v", "-nh", "-R", *([proposal] if proposal else []),
             *association_args(destination), destination.host, str(destination.port)]
-    parser = _StoreParser(on_answer)
-    fixed = sum(len(a) + 9 for a in args)
-    for chunk in chunked(paths, fixed):
+    opened: dict[str, tuple[int, os.stat_result]] = {}
+
+    def answered(path: str, result: StoreResult) -> None:
+        """Written to in place while storescu read it: what the PACS got is not that file."""
+        fd, before = opened[path]
+        now = os.fstat(fd)
+        if result.outcome is Outcome.DELIVERED and (now.st_size, now.st_mtime_ns) != (
+                before.st_size, before.st_mtime_ns):
+            result.outcome, result.detail = Outcome.TRANSIENT, "written to while being sent"
+        if on_answer is not None:
+            on_answer(path, result)
+
+    parser = _StoreParser(answered)
+    left = list(paths)
+    while left:
+        pinned, left = _pin(left, parser.results, still)
+        if not pinned:
+            continue
+        opened = {path: (fd, os.fstat(fd)) for path, fd in pinned.items()}
         parser.current = parser.failed = None
-        tool_run = run("storescu", [*args, *chunk], on_line=parser, network=True)
+        parser.names = {f"/dev/fd/{fd}": path for path, fd in pinned.items()}
+        try:
+            tool_run = run("storescu", [*args, *parser.names], on_line=parser, network=True,
+                           pinned={fd: path for path, fd in pinned.items()})
+        finally:
+            for fd in pinned.values():
+                os.close(fd)
         if tool_run.exit_code != 0 and not parser.association_errors:
             parser.association_errors.append(f"storescu exit code {tool_run.exit_code}")
     error = "; ".join(dict.fromkeys(parser.association_errors))
@@ -104,6 +142,48 @@ def store(destination: Destination, paths: Sequence[str], proposal: str = "",
         if path not in results:
             results[path] = StoreResult(Outcome.TRANSIENT, error or "no answer from the PACS")
     return results, error
+
+
+def _pin(paths: list[str], results: dict[str, StoreResult],
+         still: Callable[[str, os.stat_result], bool] | None,
+         ) -> tuple[dict[str, int], list[str]]:
+    """Open up to one association's worth of files: path -> descriptor, and the paths left.
+    A file that is gone or is no longer the version meant gets its result here."""
+    pinned: dict[str, int] = {}
+    for index, path in enumerate(paths):
+        if len(pinned) >= files_per_association():
+            return pinned, paths[index:]
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            if exc.errno == errno.EMFILE and pinned:  # the rest goes in the next chunk
+                return pinned, paths[index:]
+            results[path] = StoreResult(Outcome.TRANSIENT, f"not sent: {exc.strerror}")
+            continue
+        if still is not None and not still(path, os.fstat(fd)):
+            os.close(fd)
+            results[path] = StoreResult(
+                Outcome.TRANSIENT, "not sent: replaced since it was stamped (it goes at its"
+                " next quiet period)")
+            continue
+        os.set_inheritable(fd, True)  # (sh closes every other descriptor in its children)
+        pinned[path] = fd
+    return pinned, []
+
+
+@functools.cache
+def files_per_association() -> int:
+    """Files per storescu run: each is held open while it runs, and a few run at once per
+    destination. The soft descriptor limit is raised to the hard one first (Docker's
+    default soft limit can be 1,024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft == resource.RLIM_INFINITY:
+        return MAX_FILES_PER_ASSOCIATION
+    return max(16, min(MAX_FILES_PER_ASSOCIATION, (soft - 256) // 32))
 
 
 class _StoreParser:
@@ -117,11 +197,14 @@ class _StoreParser:
         self.sop: str = ""  # storescu's short name of the current file's SOP class
         self.unconvertible: str | None = None  # why the current file's syntax cannot go
         self.on_answer = on_answer  # told each PACS answer as it arrives
+        self.names: dict[str, str] = {}  # /dev/fd/N as storescu prints it -> the file
 
     def __call__(self, line: str) -> bool:
         """Returns True when the rest of this association is not worth waiting for."""
         if line.startswith(_XMIT):  # progress dots, then maybe a message on the same line
             line = line[len(_XMIT):].lstrip(" .")
+        if self.names and _PINNED in line:  # storescu names the files by descriptor
+            line = _PINNED_NAME.sub(lambda m: self.names.get(m[0], m[0]), line)
         if line.startswith(_SENDING):
             self.current, self.failed = line[len(_SENDING):], None
             self.sop, self.unconvertible = "", None
