@@ -179,7 +179,8 @@ def check(run: Run) -> Verdict:
     for what, code in run.exit_codes:
         allowed = {0, 143, -15} if what.startswith("watch") else EXIT_CODES
         v.expect(code in allowed, f"exit code {code} from {what}")
-    if run.scenario.mode == "run-once" and not any(f.held or not f.matched for f in folders):
+    if run.scenario.mode == "run-once" and not held and not any(
+            f.held or not f.matched for f in folders):
         v.expect(run.final_exit == 0, f"run-once after quiescence exited {run.final_exit}, not 0")
     pwned = list(run.site.root.rglob("PWNED")) + list(Path.cwd().glob("PWNED"))
     v.expect(not pwned, f"a folder name ran a command: {pwned}")

@@ -36,6 +36,7 @@ class Version:
     instance: int = 0
     compressed: bool = False
     complete: bool = True
+    study_uid: str = ""
 
     @property
     def dicom(self) -> bool:
@@ -62,14 +63,23 @@ class Truth:
     def stays(self, index: int) -> bool:
         """May this folder's files stay in the import dir once all is quiet? A held folder or
         a refused name; a folder renamed, or whose study a required PACS filed under another
-        PatientID (the next run finds the study there under another ID and holds the rest)."""
+        PatientID (the next run finds the study there under another ID and holds the rest),
+        or that shares a study with another patient's folder (the importer remembers whose
+        each study is: the second one is held)."""
         folder = self.scenario.folders[index]
         if folder.held or not folder.matched or len(self.names.get(index, ())) > 1:
             return True  # (renamed after images went under the old ID: held, a person decides)
         refiled = {n for d in self.scenario.destinations if d.required for n in d.refile}
         with self.lock:
-            return any(v.instance in refiled for (i, _), vs in self.versions.items()
-                       if i == index for v in vs)
+            mine = [v for (i, _), vs in self.versions.items() if i == index for v in vs]
+            studies = {v.study_uid for v in mine if v.study_uid}
+            shared = any(v.study_uid in studies and self._patient(i) != self._patient(index)
+                         for (i, _), vs in self.versions.items() if i != index for v in vs)
+            return shared or any(v.instance in refiled for v in mine)
+
+    def _patient(self, index: int) -> str:
+        """The PatientID the folder's (first) name gives."""
+        return self.names[index][0][1:].partition("-")[0] if self.names.get(index) else ""
 
     def record(self, index: int, rel: str, version: Version) -> None:
         with self.lock:
@@ -86,7 +96,8 @@ def signature(path: Path) -> Version:
         return Version(digest)
     pixels = hashlib.sha256(ds.PixelData).hexdigest() if "PixelData" in ds else ""
     compressed = ds.file_meta.TransferSyntaxUID.is_compressed
-    return Version(digest, uid, pixels, int(ds.get("InstanceNumber", 0) or 0), compressed)
+    return Version(digest, uid, pixels, int(ds.get("InstanceNumber", 0) or 0), compressed,
+                   study_uid=str(ds.get("StudyInstanceUID", "")))
 
 
 class Share:
