@@ -247,28 +247,47 @@ def test_replaced_between_stamp_and_send_is_not_sent_until_stamped(
         sources / "IM00003.dcm").SOPInstanceUID
 
 
+@pytest.mark.parametrize("moment", ["before the read-back", "right after dcmodify's call"])
 def test_replaced_while_being_stamped_keeps_the_new_version_and_waits(
-        site: Site, storescp: StoreSCP, sources: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Found by the fault campaign (chaos seed 209): a file replaced (new inode) after
-    dcmodify wrote the stamped file and before the read-back was quarantined as "the
-    identity could not be written", and the original was put back over the replacement:
-    the newer version was lost. Now the replacement stays, untouched, for its own quiet
-    period, and goes stamped on the next run."""
+        site: Site, storescp: StoreSCP, sources: Path, monkeypatch: pytest.MonkeyPatch,
+        moment: str) -> None:
+    """Found by the fault campaign: a file replaced (new inode) after dcmodify wrote the
+    stamped file was quarantined as "the identity could not be written", and the original
+    was put back over the replacement: the newer version was lost. Chaos seed 209: the
+    copy landed before the read-back; seed 46: between dcmodify's write and the look that
+    follows its call, so the timing could not tell, and now its content does (no stamp,
+    no Original Attributes item, not the original). The replacement stays, untouched, for
+    its own quiet period, and goes stamped on the next run."""
     site.use(storescp)
     target = site.import_dir / FOLDER
     target.mkdir()
     for name in ("IM00001.dcm", "IM00002.dcm"):
         shutil.copy(sources / name, target / name)
     newer = pydicom.dcmread(sources / "IM00003.dcm").SOPInstanceUID
-    real = dcmtk.dump_tags
 
-    def replace_then_read_back(paths: list[str], *args: object, **kwargs: object) -> object:
-        if os.path.exists(target / "IM00002.dcm.bak"):  # the read-back after dcmodify
-            shutil.copy(sources / "IM00003.dcm", target / ".new")
-            os.replace(target / ".new", target / "IM00002.dcm")
-        return real(paths, *args, **kwargs)
+    def replace() -> None:
+        shutil.copy(sources / "IM00003.dcm", target / ".new")
+        os.replace(target / ".new", target / "IM00002.dcm")
 
-    monkeypatch.setattr(dcmtk, "dump_tags", replace_then_read_back)
+    if moment == "before the read-back":
+        real_dump = dcmtk.dump_tags
+
+        def replace_then_read_back(paths: list[str], *args: object, **kw: object) -> object:
+            if os.path.exists(target / "IM00002.dcm.bak"):  # the read-back after dcmodify
+                replace()
+            return real_dump(paths, *args, **kw)
+
+        monkeypatch.setattr(dcmtk, "dump_tags", replace_then_read_back)
+    else:
+        real_stamp = dcmtk.stamp_identity
+
+        def stamp_then_replace(paths: list[str], *args: object, **kw: object) -> object:
+            runs = real_stamp(paths, *args, **kw)
+            if str(target / "IM00002.dcm") in paths:
+                replace()
+            return runs
+
+        monkeypatch.setattr(dcmtk, "stamp_identity", stamp_then_replace)
     report = pipeline.run_batch(load_settings({}, site.env))
     monkeypatch.undo()
     assert report.exit_code == 1
@@ -279,8 +298,8 @@ def test_replaced_while_being_stamped_keeps_the_new_version_and_waits(
 
     assert site.run().returncode == 0
     storescp.stop()
-    assert {ds.SOPInstanceUID for ds in storescp.received_datasets() if ds.PatientID == "4242"} >= {
-        newer}
+    assert newer in {ds.SOPInstanceUID for ds in storescp.received_datasets()
+                     if ds.PatientID == "4242"}
     archived = {Path(k).name: v for k, v in site.archived().items()}
     assert pydicom.dcmread(archived["IM00002.dcm"]).SOPInstanceUID == newer
 
