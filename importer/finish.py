@@ -16,7 +16,7 @@ from importer.folders import display
 from importer.journal import Journal
 from importer.logs import error, event, warn
 from importer.model import Folder, SourceFile, folder_hash
-from importer.receipt import build_receipt, receipt_path
+from importer.receipt import build_receipt, receipt_entries, receipt_path
 from importer.snapshot import folder_lock, unchanged
 from importer.sniff import OTHER, count_words
 from importer.stamp import recover_interrupted_stamp
@@ -38,7 +38,7 @@ def recover(settings: Settings, folder_name: str, recovered: list[str]) -> None:
                  display(folder_name), "; ".join([*outcome.failed.values()][:1]
                                                  + [outcome.receipt_error or ""]).strip("; "))
         else:
-            plan_file.unlink()
+            Plan.remove(plan_file)
             warn("%s: finished the archive step an earlier run began (%d files moved now)",
                  display(folder_name), len(outcome.moved))
 
@@ -120,31 +120,33 @@ def finish(folder: Folder, settings: Settings, journal: Journal, verifier: Verif
               display(str(target_root)))
 
     # Decide every target first and write the plan down; then carry it out (see archive.py).
-    plan, taken = Plan(folder.name), set()
-    placed: list[tuple[SourceFile, Path]] = []
+    plan, taken = Plan(folder.name), set[str]()
+    placed: list[tuple[SourceFile, str]] = []
+    archive_root, quarantine_root = str(target_root), str(failed_root)
     for source in to_archive:
-        target = free_name(target_root / source.rel, taken)
+        target = free_name(f"{archive_root}/{source.rel}", taken)
         taken.add(target)
-        plan.moves.append((source.path, str(target)))
+        plan.moves.append((source.path, target))
         placed.append((source, target))
     quarantine_rel = {}
     for path, reason in folder.to_quarantine.items():
         rel = by_path[path].rel if path in by_path else os.path.relpath(path, folder.path)
-        target = free_name(failed_root / rel, taken)
+        target = free_name(f"{quarantine_root}/{rel}", taken)
         taken.add(target)
-        plan.moves.append((path, str(target)))
-        plan.reasons[str(target)] = f"{folder.name}/{rel}\n{reason}"
+        plan.moves.append((path, target))
+        plan.reasons[target] = f"{folder.name}/{rel}\n{reason}"
         quarantine_rel[path] = rel
     if placed:
         plan.receipt_path = str(receipt_path(target_root))
-        plan.receipt = build_receipt(target_root, folder, placed, deliveries, settings, verifier)
+        plan.receipt = build_receipt(target_root, folder, settings, verifier)
+        plan.entries = receipt_entries(target_root, folder, placed, deliveries, settings)
     outcome = PlanResult()
     if plan.moves:
         plan_file = plan_path(settings, folder.name)
         plan.save(plan_file)
         outcome = carry_out(plan)
         if not outcome.failed and not outcome.receipt_error:
-            plan_file.unlink()  # else the next run carries out the rest of it first
+            Plan.remove(plan_file)  # else the next run carries out the rest of it first
 
     archived = outcome.moved
     for path, why in outcome.failed.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,11 +28,9 @@ def receipt_path(target_root: Path) -> Path:
     return target_root.with_name(target_root.name + ".receipt.json")
 
 
-def build_receipt(target_root: Path, folder: Folder, archived: list[tuple[SourceFile, Path]],
-                  deliveries: dict[str, dict[FileKey, Delivery]], settings: Settings,
+def build_receipt(target_root: Path, folder: Folder, settings: Settings,
                   verifier: Verifier) -> dict[str, Any]:
-    """The receipt for files about to be archived (each with its exact target); entries
-    keep their "target" until the receipt is written (only files that got there count)."""
+    """The receipt for files about to be archived, but its files (receipt_entries)."""
     receipt: dict[str, Any] = {
         "folder": folder.name,
         "patient": {"id": folder.patient.id,
@@ -41,19 +40,28 @@ def build_receipt(target_root: Path, folder: Folder, archived: list[tuple[Source
             {"name": d.name, "destination": d.label, "required": d.required,
              "verification": _verification(d, verifier)}
             for d in settings.destinations],
-        "files": [],
         "written_at": _iso(time.time()),
     }
     if folder.reconciliation is not None:  # is it the right patient: what each source said
         receipt["identity_check"] = folder.reconciliation
     if folder.released is not None:  # a person accepted a hold
         receipt["release"] = folder.released
+    return receipt
+
+
+def receipt_entries(target_root: Path, folder: Folder, archived: list[tuple[SourceFile, str]],
+                    deliveries: dict[str, dict[FileKey, Delivery]], settings: Settings,
+                    ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(target, entry) per file about to be archived, one at a time (only the files that
+    get to their targets are listed); first those of an earlier run into the same batch."""
     path = receipt_path(target_root)
     if path.exists():  # a second run archived more of this folder into the same batch
-        receipt["files"] = json.loads(path.read_text(encoding="utf-8")).get("files", [])
+        earlier = json.loads(path.read_text(encoding="utf-8", errors="surrogateescape"))
+        for entry in earlier.get("files", []):
+            yield "", entry
     unsent = {f.path for f in folder.unsent}
     for source, target in archived:
-        entry: dict[str, Any] = {"path": source.rel, "size": source.size, "target": str(target)}
+        entry: dict[str, Any] = {"path": source.rel, "size": source.size}
         if source.path in folder.members:  # unpacked: which archive, which member of it
             entry |= folder.members[source.path]
         if source.path in unsent:
@@ -78,8 +86,7 @@ def build_receipt(target_root: Path, folder: Folder, archived: list[tuple[Source
                     entry["destinations"][d.name]["c_store_only"] = state.verify_error
                 if state.superseded:  # this PACS had acknowledged other versions of the file
                     entry["destinations"][d.name]["earlier_versions_sent"] = state.superseded
-        receipt["files"].append(entry)
-    return receipt
+        yield target, entry
 
 
 def _verification(destination: Destination, verifier: Verifier) -> str:

@@ -68,7 +68,7 @@ class Dump:
     error: str | None = None
     # Tags read with VR UN (an anonymiser's explicit-VR rewrite); the only VR anyone asks
     # about, so the others are not kept: 20,000 dumps stay small.
-    un_tags: set[str] = field(default_factory=set)
+    un_tags: frozenset[str] = frozenset()  # (one shared empty set: 20,000 cost 4 MB)
 
 
 def dump_tags(paths: Sequence[str], tags: Iterable[str]) -> dict[str, Dump]:
@@ -120,7 +120,7 @@ class _DumpParser:
                 self.current.values[tag] = (value if tag == SOP_INSTANCE_UID
                                             else self.shared.setdefault(value, value))
                 if element["vr"] == "UN":
-                    self.current.un_tags.add(tag)
+                    self.current.un_tags |= {tag}
 
 
 def clean(value: str) -> str:
