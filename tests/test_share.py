@@ -247,26 +247,31 @@ def test_replaced_between_stamp_and_send_is_not_sent_until_stamped(
         sources / "IM00003.dcm").SOPInstanceUID
 
 
-@pytest.mark.parametrize("moment", ["before the read-back", "right after dcmodify's call"])
+@pytest.mark.parametrize(("moment", "again"), [
+    ("before the read-back", "IM00003.dcm"),  # chaos seed 209
+    ("right after dcmodify's call", "IM00003.dcm"),  # chaos seed 46: a newer version
+    ("right after dcmodify's call", "IM00002.dcm"),  # chaos seed 128: the same bytes again
+])
 def test_replaced_while_being_stamped_keeps_the_new_version_and_waits(
         site: Site, storescp: StoreSCP, sources: Path, monkeypatch: pytest.MonkeyPatch,
-        moment: str) -> None:
+        moment: str, again: str) -> None:
     """Found by the fault campaign: a file replaced (new inode) after dcmodify wrote the
     stamped file was quarantined as "the identity could not be written", and the original
     was put back over the replacement: the newer version was lost. Chaos seed 209: the
     copy landed before the read-back; seed 46: between dcmodify's write and the look that
     follows its call, so the timing could not tell, and now its content does (no stamp,
-    no Original Attributes item, not the original). The replacement stays, untouched, for
-    its own quiet period, and goes stamped on the next run."""
+    no Original Attributes item); seed 128: the same, with the same bytes copied again (not
+    lost, but quarantined as "the identity could not be written"). The replacement stays,
+    untouched, for its own quiet period, and goes stamped on the next run."""
     site.use(storescp)
     target = site.import_dir / FOLDER
     target.mkdir()
     for name in ("IM00001.dcm", "IM00002.dcm"):
         shutil.copy(sources / name, target / name)
-    newer = pydicom.dcmread(sources / "IM00003.dcm").SOPInstanceUID
+    newer = pydicom.dcmread(sources / again).SOPInstanceUID
 
     def replace() -> None:
-        shutil.copy(sources / "IM00003.dcm", target / ".new")
+        shutil.copy(sources / again, target / ".new")
         os.replace(target / ".new", target / "IM00002.dcm")
 
     if moment == "before the read-back":
