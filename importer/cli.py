@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from importer import logs
+from importer import heap, logs
 from importer.config import ConfigError, Settings, load_settings
 
 EXIT_CONFIG = 2
@@ -87,6 +87,7 @@ def main() -> None:
     answered success for it. Configuration comes from flags, then environment variables
     (the old scripts' names work), then an optional TOML file.
     """
+    heap.bound()
 
 
 @main.command("run-once")

@@ -13,6 +13,7 @@ one after another while the previous one is being sent, so the two cores overlap
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from importer.finish import finish, note_writing, recover, recover_elsewhere
 from importer.folders import Patient, display
 from importer.journal import Journal
 from importer.logs import event
-from importer.model import Folder, identity_label
+from importer.model import Folder, SourceFile, identity_label
 from importer.reconcile import Reconciler, reconcile
 from importer.release import apply_release, keep_covered, remember_held
 from importer.send import Sender
@@ -139,15 +140,11 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
                         for folder in chunk:
                             apply_release(folder, journal)
                             remember_held(settings, folder)
-                        stamp([f for f in chunk if not f.held], dumps, settings)
+                        work = _stamp_and_send(chunk, dumps, settings, journal, sender)
                     except dcmtk.Stopped:
                         break  # shutting down: archive what was delivered, leave the rest
                     del dumps
-                    for folder in chunk:
-                        keep_covered(folder, journal)
-                        folder.ready = unchanged(folder, folder.ready, "after it was stamped")
-                        check_duplicate_uids(folder, settings)
-                    under_way = finish_done([*under_way, (chunk, sender.submit(chunk))])
+                    under_way = finish_done([*under_way, (chunk, work)])
             finish_done(under_way, wait=True)
             for folder in folders:  # only files still being written, or the run stopped
                 if id(folder) not in finished:
@@ -162,6 +159,54 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
                 reconciler.close()
             journal.close()
     return report
+
+
+# A folder of more files than this is stamped and sent in parts of SLICE_FILES, so that
+# its first part is on its way while the next is stamped (a 20,000-file study is not
+# stamped whole before its first file goes), and its dumps go as its parts are stamped.
+SLICE_FILES = 1000
+
+
+def _stamp_and_send(chunk: list[Folder], dumps: dict[str, dcmtk.Dump], settings: Settings,
+                    journal: Journal, sender: Sender) -> list[Future[None]]:
+    """Stamp the chunk's folders (one dcmodify per folder) and send what carries their
+    identity; returns the sends and verifications begun."""
+    parts = _parts(chunk)
+    work: list[Future[None]] = []
+    try:
+        for part in parts:
+            stamp([f for f in part if not f.held], dumps, settings)
+            for folder in part:
+                keep_covered(folder, journal)
+                folder.ready = unchanged(folder, folder.ready, "after it was stamped")
+                check_duplicate_uids(folder, settings)
+            if len(parts) == 1:
+                return sender.submit(part)
+            work += sender.submit(part, verify=False)
+            for source in part[0].files:
+                dumps.pop(source.path, None)
+    finally:
+        if len(parts) > 1:  # (also when stopped midway: what was sent is finished)
+            chunk[0].ready = [f for (view,) in parts for f in view.ready]
+    return work + sender.verify_when_sent(chunk, work)
+
+
+def _parts(chunk: list[Folder]) -> list[list[Folder]]:
+    """The chunk itself, or a big folder as views of its files in parts (sharing its
+    verdicts; the files that share a SOP Instance UID in one part, where their contents
+    are compared)."""
+    if len(chunk) != 1 or chunk[0].held or len(chunk[0].files) <= 2 * SLICE_FILES:
+        return [chunk]
+    folder = chunk[0]
+    by_uid: dict[str, list[SourceFile]] = {}
+    for source in folder.files:
+        by_uid.setdefault(source.sop_uid or source.path, []).append(source)
+    parts: list[list[SourceFile]] = [[]]
+    for same in by_uid.values():
+        if parts[-1] and len(parts[-1]) + len(same) > SLICE_FILES:
+            parts.append([])
+        parts[-1] += same
+    return [[dataclasses.replace(folder, files=files, ready=[])] for files in parts]
 
 
 def _reconciler(settings: Settings, matched: list[tuple[str, Patient]],

@@ -74,11 +74,12 @@ class Sender:
         self.verify_pool.shutdown(wait=True)
         self.journal.remember_paces(self.pace)
 
-    def submit(self, folders: list[Folder]) -> list[Future[None]]:
+    def submit(self, folders: list[Folder], verify: bool = True) -> list[Future[None]]:
         """Send the verified files of these folders: the files of many folders share
         associations (a storescu start costs more than a small folder's files); each
-        folder is looked up by C-FIND once its files' sends are done. Returns the work
-        begun (done: the folders can be finished)."""
+        folder is looked up by C-FIND once its files' sends are done (verify=False: the
+        caller asks for that with verify_when_sent). Returns the work begun (done: the
+        folders can be finished)."""
         folders = [f for f in folders if f.ready]
         begun: list[Future[None]] = []
         if not folders:
@@ -106,9 +107,20 @@ class Sender:
                                           owners, counted)
                          for transfer_syntax, group in groups]
                 begun += sends
-            if destination.verify != "none":
+            if destination.verify != "none" and verify:
                 begun += [self.verify_pool.submit(self._verify, destination, folder, sends)
                           for folder in folders]
+        self.futures += begun
+        return begun
+
+    def verify_when_sent(self, folders: list[Folder],
+                         sends: list[Future[None]]) -> list[Future[None]]:
+        """Look these folders up by C-FIND once all these sends are done (a big folder
+        sent in parts: one query per study, not one per part)."""
+        begun = [self.verify_pool.submit(self._verify, destination, folder, sends)
+                 for destination in self.settings.destinations
+                 if destination.verify != "none" and destination.name not in self.skip
+                 for folder in folders if folder.ready]
         self.futures += begun
         return begun
 

@@ -4,6 +4,7 @@ call, yet every folder gets its own verdict, receipt and summary, in the same ru
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import subprocess
 import sys
@@ -11,9 +12,12 @@ import time
 from pathlib import Path
 
 import pydicom
+import pytest
 
+from importer import dcmtk, pipeline
+from importer.config import load_settings
 from simsite.dicomgen import make_ct, make_patient_folder
-from simsite.receivers import StoreSCP
+from simsite.receivers import Orthanc, StoreSCP
 from simsite.refusing_scp import CANNOT_UNDERSTAND, RefusingSCP
 from simsite.site import Site, wait_for
 from simsite.writers import WRITER, pixel_offset
@@ -97,3 +101,41 @@ def test_a_pace_measured_in_one_batch_sizes_the_next_batch_s_associations(
         stores = [r for r in site.log_records()[offset:] if r.get("tool") == "storescu"]
         assert len(stores) == 1  # not measured, it would have gone over two associations
         assert len(pacs.received()) == 229
+
+
+def test_a_big_folder_is_stamped_and_sent_in_parts_and_verified_once(
+        site: Site, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A folder of more than 2 × SLICE_FILES files goes in parts: the first part is sent
+    while the next is stamped, files that share a SOP Instance UID stay in one part, the
+    PACS is asked once per study after the last part, and the folder gets one verdict,
+    one receipt and one archive, as a small folder does."""
+    monkeypatch.setattr(pipeline, "SLICE_FILES", 4)
+    folder = site.import_dir / "#4321-Big^Study"
+    make_patient_folder(site.import_dir, folder.name, 11, rows=8)
+    twin = pydicom.dcmread(folder / "IM00003.dcm")
+    twin.Rows = twin.Columns = 4
+    twin.PixelData = b"\0" * 32
+    twin.save_as(folder / "IM00003-again.dcm")  # the same UID, other content
+    finds = []
+    real_find = dcmtk.find_instances
+    monkeypatch.setattr(dcmtk, "find_instances",
+                        lambda *a, **k: finds.append(a[1]) or real_find(*a, **k))
+    with Orthanc() as orthanc:
+        site.env |= {"PACS_SERVER_IP": orthanc.host, "PACS_SERVER_PORT": str(orthanc.port),
+                     "PACS_AET": orthanc.aet, "VERIFY_DELAY": "0"}
+        with caplog.at_level(logging.INFO, logger="importer"):
+            report = pipeline.run_batch(load_settings({}, site.env))
+        lines = caplog.messages
+        assert report.exit_code == 0, lines
+        assert orthanc.count_instances() == 11
+        assert [p["MainDicomTags"]["PatientID"] for p in orthanc.patients()] == ["4321"]
+    stamping = [i for i, line in enumerate(lines) if "stamping" in line]
+    sending = [i for i, line in enumerate(lines) if "sending" in line]
+    assert len(stamping) == 3 and len(sending) >= 3  # 12 files: parts of 4, 4 and 4
+    assert sending[0] < stamping[1]  # the first part went before the second was stamped
+    assert any("carry the SOP Instance UID of" in line and "IM00003-again.dcm" in line
+               and "IM00003.dcm" in line for line in lines)  # both in one part, compared
+    assert len(finds) == 1  # one study, asked once
+    assert len(site.archived()) == 12 and not folder.exists()
+    (receipt,) = site.archive_dir.glob("*/*.receipt.json")
+    assert len(json.loads(receipt.read_text())["files"]) == 12
