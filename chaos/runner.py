@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,9 +169,9 @@ def _timeline(run: Run, share: Share, staged: dict[int, dict[str, Path]]) -> Non
         importer.watch(strace.arg if strace else "")
     start = time.monotonic()
     stop_looping = threading.Event()
-    threads = [threading.Thread(target=_arrive, args=(run, share, staged, i, start))
+    threads = [threading.Thread(target=_guarded, args=(run, _arrive, share, staged, i, start))
                for i in range(len(scenario.folders))]
-    threads += [threading.Thread(target=_event, args=(run, share, importer, e, start))
+    threads += [threading.Thread(target=_guarded, args=(run, _event, share, importer, e, start))
                 for e in scenario.events if not e.kind.startswith("syscall-")]
     if scenario.mode == "run-once":
         threads.append(threading.Thread(target=_loop, args=(importer, stop_looping)))
@@ -248,6 +249,16 @@ def _loop(importer: Importer, stop: threading.Event) -> None:
     while not stop.is_set():
         importer.run_once()
         stop.wait(0.5)
+
+
+def _guarded(run: Run, target: Callable[..., None], *args: object) -> None:
+    """An event's thread: what fails in it is the run's error, not a thread that dies
+    silently (chaos seed 24: a writer that could not create its file, the rest of its
+    folder never written, and the oracle looking for files nobody wrote)."""
+    try:
+        target(run, *args)
+    except Exception:
+        run.errors.append(f"{target.__name__} failed:\n{traceback.format_exc()}")
 
 
 def _arrive(run: Run, share: Share, staged: dict[int, dict[str, Path]], index: int,

@@ -169,7 +169,9 @@ def finish(folder: Folder, settings: Settings, journal: Journal, verifier: Verif
         error("%s: the receipt %s could not be written: %s", display(folder.name),
               display(plan.receipt_path or ""), outcome.receipt_error)
     journal.forget(archived)
-    remove_empty_dirs(folder.path)
+    if not folder.writing:  # else a copy is still filling the folder: a directory emptied
+        # by this archive step may be where its next file goes (chaos seed 24)
+        remove_empty_dirs(folder.path)
     # One line per reason, not per file: a PACS that is down must not write 10,000 lines.
     by_reason: dict[str, list[str]] = {}
     for path, why in folder.pending.items():

@@ -309,6 +309,32 @@ def test_replaced_while_being_stamped_keeps_the_new_version_and_waits(
     assert pydicom.dcmread(archived["IM00002.dcm"]).SOPInstanceUID == newer
 
 
+def test_a_directory_emptied_while_the_folder_is_still_arriving_stays(
+        site: Site, storescp: StoreSCP, sources: Path) -> None:
+    """Found by the fault campaign (chaos seed 24): a folder copied series by series; the
+    first file of SER2 settled and was archived, the directory left empty was removed, and
+    the copy's next file into SER2 failed ("No such file or directory"). While any file of
+    the folder is still arriving, emptied directories stay; once all is done, they go."""
+    site.use(storescp)
+    target = site.import_dir / FOLDER
+    (target / "SER2").mkdir(parents=True)
+    shutil.copy(sources / "IM00001.dcm", target / "SER2" / "IM00001.dcm")
+    writer = Writer(sources / "IM00002.dcm", target / "SER1" / "IM00002.dcm",
+                    pixel_offset(sources / "IM00002.dcm"))  # the copy is at SER1 now
+
+    first = site.run()
+
+    assert first.returncode == 1, first.stdout + first.stderr  # SER1's file is arriving
+    assert [Path(k).name for k in site.archived()] == ["IM00001.dcm"]
+    assert (target / "SER2").is_dir()  # the copy's next file can still go there
+    writer.release()
+    shutil.copy(sources / "IM00003.dcm", target / "SER2" / "IM00003.dcm")
+    assert site.run().returncode == 0
+    assert sorted(Path(k).name for k in site.archived()) == [
+        "IM00001.dcm", "IM00002.dcm", "IM00003.dcm"]
+    assert not target.exists()  # all done: the folder and its directories go
+
+
 class ReplacingPACS(RefusingSCP):
     """Takes every file; on the first one, a person copies the folder's second file again
     (a new inode, unstamped) before storescu has read it."""
