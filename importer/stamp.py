@@ -148,17 +148,15 @@ def _settle_in_place(folder: Folder, source: SourceFile, problem: str | None,
         os.replace(backup, path)
         folder.writing[path] = "still being written: it changed while being stamped"
         return
-    if foreign and os.path.lexists(backup) and "dcmodify said" not in (problem or ""):
-        # Not what dcmodify wrote (it said nothing wrong): a copy put there since, a newer
-        # version or the same bytes again (the same as the branch below, told by its
-        # content where the timing could not: chaos seeds 46, 128). It waits, as it is.
-        os.unlink(backup)
-        folder.writing[path] = "still being written: replaced while being stamped"
-        return
-    if stamped_as is not None and not stamped_as.same_content(identity(path)):
+    replaced = stamped_as is not None and not stamped_as.same_content(identity(path))
+    if replaced or (foreign and os.path.lexists(backup)
+                    and "dcmodify said" not in (problem or "")):
         # Replaced after dcmodify wrote it (a copy again, a new export): the file there is
-        # a newer version, never to be overwritten by the original it supersedes; it gets
-        # its own quiet period. (Putting the backup back here lost it: chaos seed 209.)
+        # a newer version (or the same bytes again), never to be overwritten by the
+        # original it supersedes; it gets its own quiet period. (Putting the backup back
+        # here lost it: chaos seed 209.) Told by the timing, or by its content where the
+        # timing could not tell: not what dcmodify wrote, and dcmodify said nothing wrong
+        # (chaos seeds 46, 128).
         with contextlib.suppress(FileNotFoundError):
             os.unlink(backup)
         folder.writing[path] = "still being written: replaced while being stamped"

@@ -137,7 +137,7 @@ def run(
     """Run one DCMTK tool to completion, streaming its merged stdout/stderr to on_line;
     on_line returning True ends the tool early (e.g. storescu after a DIMSE timeout);
     pinned: descriptor -> file, the open files the tool inherits and reads as /dev/fd/N
-    (the log record names the files)."""
+    (its output, to on_line and in the log record, names the files)."""
     if _stopping.is_set():
         raise Stopped(f"not starting {tool}: shutting down")
     command = sh.Command(tool_path(tool))
@@ -182,6 +182,8 @@ def run(
                   buffering=1 << 16) as output:
             for raw in output:
                 line = raw.rstrip("\r\n")
+                if pinned and "/dev/fd/" in line:
+                    line = _named(line, pinned)
                 lines.append(line)
                 if on_line is not None and on_line(line) is True:
                     running.terminate()  # the parser has seen enough: end the tool now
@@ -197,7 +199,7 @@ def run(
     metrics.tool_ran(tool, result.seconds)
     argv, output = result.argv, lines
     if pinned:
-        argv, output = _named(argv, pinned), _named(output, pinned)
+        argv = [_named(arg, pinned) for arg in argv]
     if logs.hiding_names():  # LOG_PATIENT_NAMES=false: no PatientName value in the record
         argv = [mask_patient_name(arg) for arg in argv]
         output = [mask_patient_name(line) for line in lines]
@@ -225,10 +227,9 @@ def mask_patient_name(text: str) -> str:
 _PINNED = re.compile(r"/dev/fd/(\d+)")
 
 
-def _named(texts: list[str], pinned: Mapping[int, str]) -> list[str]:
-    """texts with each /dev/fd/N replaced by the file it is."""
-    return [_PINNED.sub(lambda m: pinned.get(int(m[1]), m[0]), text) if "/dev/fd/" in text
-            else text for text in texts]
+def _named(text: str, pinned: Mapping[int, str]) -> str:
+    """text with each /dev/fd/N replaced by the file it is."""
+    return _PINNED.sub(lambda m: pinned.get(int(m[1]), m[0]), text)
 
 
 def chunked(paths: Sequence[str], fixed_bytes: int = 0) -> Iterator[list[str]]:

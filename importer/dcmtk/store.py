@@ -44,8 +44,6 @@ _NO_UID = "E: No SOP Class or Instance UID in file: "
 # storescu -v prints progress dots after "XMIT:" without a newline, so the failure of a
 # file sent after an abort arrives as "XMIT: E: Store Failed, file: …" (chaos seeds 31, 227).
 _XMIT = "XMIT:"
-_PINNED = "/dev/fd/"
-_PINNED_NAME = re.compile(r"/dev/fd/\d+")
 _DIMSE_TIMEOUT = "DIMSE No data available"  # storescu's wording for a DIMSE timeout
 _CANNOT_CONVERT = re.compile(
     r"unable to convert dataset from '(?P<source>[^']*)' transfer syntax to '(?P<target>[^']*)'")
@@ -107,11 +105,11 @@ def store(destination: Destination, paths: Sequence[str], proposal: str = "",
     # (e.g. Segmentation) can be sent too.
     args = ["-v", "-nh", "-R", *([proposal] if proposal else []),
             *association_args(destination), destination.host, str(destination.port)]
-    opened: dict[str, tuple[int, os.stat_result]] = {}
+    pinned: dict[str, tuple[int, os.stat_result]] = {}
 
     def answered(path: str, result: StoreResult) -> None:
         """Written to in place while storescu read it: what the PACS got is not that file."""
-        fd, before = opened[path]
+        fd, before = pinned[path]
         now = os.fstat(fd)
         if result.outcome is Outcome.DELIVERED and (now.st_size, now.st_mtime_ns) != (
                 before.st_size, before.st_mtime_ns):
@@ -125,14 +123,13 @@ def store(destination: Destination, paths: Sequence[str], proposal: str = "",
         pinned, left = _pin(left, parser.results, still)
         if not pinned:
             continue
-        opened = {path: (fd, os.fstat(fd)) for path, fd in pinned.items()}
         parser.current = parser.failed = None
-        parser.names = {f"/dev/fd/{fd}": path for path, fd in pinned.items()}
+        files = {fd: path for path, (fd, _st) in pinned.items()}
         try:
-            tool_run = run("storescu", [*args, *parser.names], on_line=parser, network=True,
-                           pinned={fd: path for path, fd in pinned.items()})
+            tool_run = run("storescu", [*args, *(f"/dev/fd/{fd}" for fd in files)],
+                           on_line=parser, network=True, pinned=files)
         finally:
-            for fd in pinned.values():
+            for fd in files:
                 os.close(fd)
         if tool_run.exit_code != 0 and not parser.association_errors:
             parser.association_errors.append(f"storescu exit code {tool_run.exit_code}")
@@ -146,10 +143,11 @@ def store(destination: Destination, paths: Sequence[str], proposal: str = "",
 
 def _pin(paths: list[str], results: dict[str, StoreResult],
          still: Callable[[str, os.stat_result], bool] | None,
-         ) -> tuple[dict[str, int], list[str]]:
-    """Open up to one association's worth of files: path -> descriptor, and the paths left.
-    A file that is gone or is no longer the version meant gets its result here."""
-    pinned: dict[str, int] = {}
+         ) -> tuple[dict[str, tuple[int, os.stat_result]], list[str]]:
+    """Open up to one association's worth of files: path -> (descriptor, its stat as
+    opened), and the paths left. A file that is gone or is no longer the version meant
+    gets its result here."""
+    pinned: dict[str, tuple[int, os.stat_result]] = {}
     for index, path in enumerate(paths):
         if len(pinned) >= files_per_association():
             return pinned, paths[index:]
@@ -160,14 +158,15 @@ def _pin(paths: list[str], results: dict[str, StoreResult],
                 return pinned, paths[index:]
             results[path] = StoreResult(Outcome.TRANSIENT, f"not sent: {exc.strerror}")
             continue
-        if still is not None and not still(path, os.fstat(fd)):
+        st = os.fstat(fd)
+        if still is not None and not still(path, st):
             os.close(fd)
             results[path] = StoreResult(
                 Outcome.TRANSIENT, "not sent: replaced since it was stamped (it goes at its"
                 " next quiet period)")
             continue
         os.set_inheritable(fd, True)  # (sh closes every other descriptor in its children)
-        pinned[path] = fd
+        pinned[path] = (fd, st)
     return pinned, []
 
 
@@ -197,14 +196,11 @@ class _StoreParser:
         self.sop: str = ""  # storescu's short name of the current file's SOP class
         self.unconvertible: str | None = None  # why the current file's syntax cannot go
         self.on_answer = on_answer  # told each PACS answer as it arrives
-        self.names: dict[str, str] = {}  # /dev/fd/N as storescu prints it -> the file
 
     def __call__(self, line: str) -> bool:
         """Returns True when the rest of this association is not worth waiting for."""
         if line.startswith(_XMIT):  # progress dots, then maybe a message on the same line
             line = line[len(_XMIT):].lstrip(" .")
-        if self.names and _PINNED in line:  # storescu names the files by descriptor
-            line = _PINNED_NAME.sub(lambda m: self.names.get(m[0], m[0]), line)
         if line.startswith(_SENDING):
             self.current, self.failed = line[len(_SENDING):], None
             self.sop, self.unconvertible = "", None
