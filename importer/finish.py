@@ -17,7 +17,7 @@ from importer.journal import Journal
 from importer.logs import error, event, warn
 from importer.model import Folder, SourceFile, folder_hash
 from importer.receipt import build_receipt, receipt_entries, receipt_path
-from importer.snapshot import folder_lock, unchanged
+from importer.snapshot import WAITS_WHOLE, folder_lock, unchanged
 from importer.sniff import OTHER, count_words
 from importer.stamp import recover_interrupted_stamp
 from importer.verdict import Fate, Target, decide
@@ -216,8 +216,9 @@ def not_sent_words(folder: Folder, archived: set[str]) -> str:
 def note_writing(folder: Folder, settings: Settings, noted: set[str] | None) -> None:
     """One [INFO] per folder for files still being written that were not reported yet
     (every file, every time, in the JSON log)."""
-    fresh = []
-    for path, why in sorted(folder.writing.items()):
+    fresh = []  # the files still arriving first, then those waiting for them
+    arrivals_first = sorted(folder.writing.items(), key=lambda i: (WAITS_WHOLE in i[1], i[0]))
+    for path, why in arrivals_first:
         event("INFO", "%s: left in place: %s", display(os.path.relpath(path, settings.import_dir)),
               why, level=logging.DEBUG)
         if noted is None or path not in noted:
@@ -229,7 +230,12 @@ def note_writing(folder: Folder, settings: Settings, noted: set[str] | None) -> 
         noted.update(folder.writing)
     if fresh:
         path, why = fresh[0]
-        more = f" (and {len(fresh) - 1} more files)" if len(fresh) > 1 else ""
+        waiting = sum(WAITS_WHOLE in w for _, w in fresh)
+        arriving = len(fresh) - waiting
+        more = f" (and {len(fresh) - 1} more files)" if len(fresh) > 1 and not arriving else (
+            f" (and {arriving - 1} more files)" if arriving > 1 else "")
+        if waiting and arriving:
+            why += f"; {waiting} settled files of the folder wait for the rest of it"
         event("INFO", "%s/%s%s: still being written or incomplete, left in place for the next"
               " quiet period: %s; judged only after %d s unchanged (INCOMPLETE_GRACE)",
               display(folder.name), display(os.path.relpath(path, folder.path)), more, why,

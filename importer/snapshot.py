@@ -159,6 +159,8 @@ def listed_groups(settings: Settings, matched: list[tuple[str, Patient]],
 def _settled(settings: Settings, group: list[Folder], young: list[tuple[Folder, SourceFile]],
              settle: SettleCheck, taken: list[Folder]) -> list[Folder]:
     wait_for_settling(young, settle)
+    for folder in group:
+        wait_whole(folder)
     unpack_archives(group, settings)  # archives among the settled files (unpack.py)
     for folder in group:
         progress.folder(folder.name, len(folder.files))
@@ -179,6 +181,23 @@ def set_aside_unsettled(folder: Folder, settle: SettleCheck, *,
     young = [f for f in folder.files if (u := unsettled.get(f.path)) and u.by_age_alone]
     folder.files = [f for f in folder.files if f.path not in unsettled]
     return young
+
+
+WAITS_WHOLE = "waits for the rest of its folder"
+
+
+def wait_whole(folder: Folder) -> None:
+    """A folder still being copied waits whole: its settled files are not read, stamped or
+    sent while any of its files is still arriving. What arrives later may be another
+    patient's CD, and the folder is checked as one (chaos seed 35: run-once during a slow
+    copy sent the first file under the folder's ID before the second patient's arrived)."""
+    arriving = sorted(folder.writing)
+    if not arriving or not folder.files:
+        return
+    first = os.path.relpath(arriving[0], folder.path)
+    why = f"{WAITS_WHOLE} ({first}: {folder.writing[arriving[0]]})"
+    folder.writing.update((f.path, why) for f in folder.files)
+    folder.files = []
 
 
 def wait_for_settling(young: list[tuple[Folder, SourceFile]], settle: SettleCheck) -> None:

@@ -86,7 +86,8 @@ def test_run_once_right_after_a_copy_waits_once_and_takes_everything(
 def test_a_file_held_open_for_writing_is_not_waited_for(
         site: Site, storescp: StoreSCP, sources: Path) -> None:  # noqa: F811
     """One of four fresh files is held open for writing by another process: the three
-    others are waited for and delivered; that one stays (exit 1) until its writer closes."""
+    others are waited for, then wait with it, the folder whole (chaos seed 35); all stays
+    (exit 1) until its writer closes, and the next run takes the folder."""
     site.use(storescp)
     site.env["SETTLE_SECONDS"] = f"{SETTLE:g}"
     target = site.import_dir / FOLDER
@@ -103,8 +104,9 @@ def test_a_file_held_open_for_writing_is_not_waited_for(
         assert "IM00004.dcm: still being written or incomplete" in result.stderr
         assert "open for writing by another process" in result.stderr
         assert held.read_bytes() == before and not list(target.glob("*.bak"))
-        assert len(storescp.received()) == 3 and len(site.archived()) == 3
-        assert site.remaining() == [f"{FOLDER}/IM00004.dcm"]
+        assert "3 settled files of the folder wait for the rest of it" in result.stderr
+        assert storescp.received() == [] and site.archived() == {}
+        assert len(site.remaining()) == 4
     finally:
         holder.communicate(timeout=10)
 
@@ -117,7 +119,8 @@ def test_a_file_held_open_for_writing_is_not_waited_for(
 def test_a_file_written_again_during_the_wait_stays_for_the_next_run(
         site: Site, storescp: StoreSCP, sources: Path) -> None:  # noqa: F811
     """A writer comes back to one file while run-once waits for it to settle: that file is
-    not taken in this run (exit 1); the others are; the next run takes it."""
+    not taken in this run (exit 1), nor are the others (the folder waits whole: chaos seed
+    35); the next run takes them all."""
     site.use(storescp)
     site.env["SETTLE_SECONDS"] = f"{SETTLE:g}"
     target = site.import_dir / FOLDER
@@ -129,8 +132,8 @@ def test_a_file_written_again_during_the_wait_stays_for_the_next_run(
     assert run.returncode == 1, stderr
     assert "IM00003.dcm: still being written" in stderr
     assert "changed while waiting to settle" in stderr
-    assert len(storescp.received()) == 3 and len(site.archived()) == 3
-    assert site.remaining() == [f"{FOLDER}/IM00003.dcm"]
+    assert storescp.received() == [] and site.archived() == {}
+    assert len(site.remaining()) == 4
 
     result = site.run()  # right away (waiting for that file if it is still young)
     assert result.returncode == 0, result.stderr

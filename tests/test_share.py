@@ -70,11 +70,12 @@ def receive_log(site: Site) -> str:
 # --- run-once --------------------------------------------------------------------------------
 
 
-def test_run_once_during_a_copy_leaves_the_file_and_sends_it_whole_later(
+def test_run_once_during_a_copy_leaves_the_folder_and_sends_it_whole_later(
         site: Site, storescp: StoreSCP, sources: Path) -> None:
     """A copy in progress when run-once starts (stalled in the pixel data, writer holding
-    the file open): exit 1, the file left untouched, the others delivered; once the copy
-    has finished, the next run sends it whole. Signal: the read lease."""
+    the file open): exit 1, the file left untouched, and the folder's settled files wait
+    with it (the rest of the copy may be another patient's CD: chaos seed 35); once the
+    copy has finished, the next run sends the folder whole. Signal: the read lease."""
     site.use(storescp)
     target = site.import_dir / FOLDER
     target.mkdir()
@@ -90,13 +91,43 @@ def test_run_once_during_a_copy_leaves_the_file_and_sends_it_whole_later(
     assert "open for writing by another process" in result.stderr
     assert (target / "IM00004.dcm").read_bytes() == before  # not stamped, not moved
     assert not list(target.glob("*.bak"))
-    assert len(storescp.received()) == 3 and site.failed() == {}
+    assert "waits for the rest of its folder (IM00004.dcm: still being written" in receive_log(site)
+    assert storescp.received() == [] and site.failed() == {} and site.archived() == {}
 
     writer.release()
     result = site.run()
     assert result.returncode == 0, result.stderr
     storescp.stop()
     assert_whole_and_stamped(site, storescp, sources, {f"IM0000{i}.dcm" for i in range(1, 5)})
+
+
+def test_run_once_during_a_copy_of_two_cds_sends_nothing_of_the_first(
+        site: Site, storescp: StoreSCP, tmp_path: Path) -> None:
+    """Found by the fault campaign (chaos seed 35): two patients' CDs copied into one
+    folder, run-once while the second CD's first file was still arriving. The first CD's
+    settled files went out under the folder's ID; the folder was held as two patients only
+    on the next run, too late. Now nothing of it goes while the copy runs, and once the
+    copy is done the folder is held, untouched and unsent."""
+    site.use(storescp)
+    target = site.import_dir / FOLDER
+    for i in (1, 2):
+        make_ct(target / "CD1" / f"IM0000{i}.dcm", rows=16, birth_date="19500101", sex="F")
+    second = tmp_path / "second-cd.dcm"
+    make_ct(second, rows=ROWS, birth_date="19990909", sex="M")
+    writer = Writer(second, target / "CD2" / "IM00001.dcm", pixel_offset(second) + 5000)
+
+    first = site.run()
+
+    assert first.returncode == 1, first.stderr
+    assert storescp.received() == [] and site.archived() == {}
+    assert "2 settled files of the folder wait for the rest of it" in first.stderr
+    writer.release()
+    second_run = site.run()
+    assert second_run.returncode == 1, second_run.stderr
+    assert f"{FOLDER}: held" in second_run.stderr
+    storescp.stop()
+    assert storescp.received() == [] and site.archived() == {} and site.failed() == {}
+    assert len([p for p in site.remaining() if p.startswith(FOLDER)]) == 3
 
 
 def test_header_only_file_waits_then_is_quarantined_after_the_grace(
@@ -314,7 +345,8 @@ def test_a_directory_emptied_while_the_folder_is_still_arriving_stays(
     """Found by the fault campaign (chaos seed 24): a folder copied series by series; the
     first file of SER2 settled and was archived, the directory left empty was removed, and
     the copy's next file into SER2 failed ("No such file or directory"). While any file of
-    the folder is still arriving, emptied directories stay; once all is done, they go."""
+    the folder is still arriving, the folder waits whole (chaos seed 35) and its directories
+    stay; once all is done, they go."""
     site.use(storescp)
     target = site.import_dir / FOLDER
     (target / "SER2").mkdir(parents=True)
@@ -325,8 +357,8 @@ def test_a_directory_emptied_while_the_folder_is_still_arriving_stays(
     first = site.run()
 
     assert first.returncode == 1, first.stdout + first.stderr  # SER1's file is arriving
-    assert [Path(k).name for k in site.archived()] == ["IM00001.dcm"]
-    assert (target / "SER2").is_dir()  # the copy's next file can still go there
+    assert site.archived() == {}
+    assert (target / "SER2" / "IM00001.dcm").is_file()  # the copy's next file can go there
     writer.release()
     shutil.copy(sources / "IM00003.dcm", target / "SER2" / "IM00003.dcm")
     assert site.run().returncode == 0
@@ -465,17 +497,18 @@ def test_watch_header_then_stall_longer_than_delay(watching: Watching, site: Sit
                                                    storescp: StoreSCP, sources: Path) -> None:
     """The reported loss: a writer writes the header, stalls past DELAY holding the file,
     then writes the pixel data. Nothing of that file is sent, moved or quarantined while it
-    stalls; the folder's finished files go on; the whole file is sent once it is done."""
+    stalls, and the folder's finished files wait with it (the rest of the copy may be
+    another patient's CD: chaos seed 35); the folder goes whole once the file is done."""
     target = site.import_dir / FOLDER
     target.mkdir()
     src = sources / "IM00004.dcm"
     writer = Writer(src, target / "IM00004.dcm", pixel_offset(src))
     for name in ("IM00001.dcm", "IM00002.dcm", "IM00003.dcm"):
         shutil.copy(sources / name, target / name)
-    wait_for(lambda: len(site.archived()) == 3, 30)
-    time.sleep(3)  # past DELAY again: the stalled file is looked at again, and left again
-    assert site.remaining() == [f"{FOLDER}/IM00004.dcm"] and site.failed() == {}
-    assert all(whole(ds) for ds in storescp.received_datasets())
+    wait_for(lambda: "waits for the rest of its folder" in receive_log(site), 30)
+    time.sleep(3)  # past DELAY again: the folder is looked at again, and left again
+    assert len(site.remaining()) == 4 and site.failed() == {} and site.archived() == {}
+    assert storescp.received() == []
     writer.release()
     wait_for(lambda: site.remaining() == [], 30)
     watching.stop()

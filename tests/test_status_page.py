@@ -229,6 +229,9 @@ def test_alert_reaches_a_webhook_that_was_down_once(site: Site, tmp_path: Path) 
             wait_for(lambda: bool(site.failed()), 20)
             wait_for(lambda: (site.state_dir / "alerts-pending.jsonl").exists()
                      and (site.state_dir / "alerts-pending.jsonl").read_text().strip() != "", 5)
+            # its first try has failed (under load the alert thread may not have tried yet)
+            log = site.log_dir / "log.log"
+            wait_for(lambda: "retrying, nothing is lost" in log.read_text(), 15)
             hook = Hook(hook_port)  # the webhook comes up
             try:
                 wait_for(lambda: len(hook.received) >= 1, 30)
