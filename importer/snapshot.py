@@ -221,6 +221,8 @@ def wait_for_settling(young: list[tuple[Folder, SourceFile]], settle: SettleChec
         if dcmtk.stop_requested(left):
             raise dcmtk.Stopped
     settle.from_now()
+    for folder in {id(f): f for f, _ in young}.values():
+        note_arrivals(folder)
     taken: dict[int, tuple[Folder, list[SourceFile]]] = {}
     for folder, source in young:
         now = identity(source.path)
@@ -234,6 +236,18 @@ def wait_for_settling(young: list[tuple[Folder, SourceFile]], settle: SettleChec
             taken.setdefault(id(folder), (folder, []))[1].append(source)
     for folder, back in taken.values():
         folder.files = sorted([*folder.files, *back], key=_listing_order)
+
+
+def note_arrivals(folder: Folder) -> None:
+    """Files that appeared in the folder since it was listed (a copy still running while
+    run-once waited for its first files to settle) are still being written: the folder
+    then waits whole (chaos seed 94: the wait took the first file of a copy whose next
+    files, another patient's, had arrived meanwhile)."""
+    files, _ = list_files(folder.path)
+    known = {f.path for f in folder.files} | set(folder.writing)
+    for source in files:
+        if source.path not in known:
+            folder.writing[source.path] = "still being written: arrived while waiting to settle"
 
 
 def _listing_order(source: SourceFile) -> tuple[tuple[str, ...], str]:

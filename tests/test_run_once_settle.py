@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from simsite.dicomgen import make_patient_folder
+from simsite.dicomgen import make_ct, make_patient_folder
 from simsite.receivers import StoreSCP
 from simsite.site import IMPORTER, Site
 from tests.test_share import FOLDER, assert_whole_and_stamped, sources  # noqa: F401 (fixture)
@@ -139,6 +139,32 @@ def test_a_file_written_again_during_the_wait_stays_for_the_next_run(
     assert result.returncode == 0, result.stderr
     storescp.stop()
     assert_whole_and_stamped(site, storescp, sources, {f"IM0000{i}.dcm" for i in range(1, 5)})
+
+
+def test_a_file_arriving_during_the_wait_holds_its_folder_whole(
+        site: Site, storescp: StoreSCP, tmp_path: Path) -> None:
+    """Found by the fault campaign (chaos seed 94): run-once waited for the first file of a
+    copy to settle; meanwhile the copy brought the next files, another patient's CD, which
+    the listing had not seen; the waited file went out under the folder's ID. A file that
+    appears during the wait is still arriving: the folder waits whole, and the next run,
+    seeing both CDs, holds it unsent."""
+    site.use(storescp)
+    site.env["SETTLE_SECONDS"] = f"{SETTLE:g}"
+    target = site.import_dir / FOLDER
+    make_ct(target / "CD1" / "IM00001.dcm", rows=16, birth_date="19500101", sex="F")
+    run, seen = run_once_until_it_waits(site)
+    make_ct(target / "CD2" / "IM00001.dcm", rows=16, birth_date="19990909", sex="M")
+    stderr = "".join(seen) + run.communicate(timeout=120)[1]
+    assert run.returncode == 1, stderr
+    assert storescp.received() == [] and site.archived() == {}, stderr
+    assert "arrived while waiting to settle" in stderr
+
+    time.sleep(SETTLE)
+    result = site.run()
+    assert result.returncode == 1, result.stderr
+    assert f"{FOLDER}: held" in result.stderr
+    storescp.stop()
+    assert storescp.received() == [] and site.archived() == {} and len(site.remaining()) == 2
 
 
 def test_sigterm_ends_the_wait_at_once(site: Site, storescp: StoreSCP,
