@@ -217,8 +217,8 @@ def note_writing(folder: Folder, settings: Settings, noted: set[str] | None) -> 
     """One [INFO] per folder for files still being written that were not reported yet
     (every file, every time, in the JSON log)."""
     fresh = []  # the files still arriving first, then those waiting for them
-    arrivals_first = sorted(folder.writing.items(), key=lambda i: (WAITS_WHOLE in i[1], i[0]))
-    for path, why in arrivals_first:
+    waits = {p for p, why in folder.writing.items() if why.startswith(WAITS_WHOLE)}
+    for path, why in sorted(folder.writing.items(), key=lambda i: (i[0] in waits, i[0])):
         event("INFO", "%s: left in place: %s", display(os.path.relpath(path, settings.import_dir)),
               why, level=logging.DEBUG)
         if noted is None or path not in noted:
@@ -230,10 +230,10 @@ def note_writing(folder: Folder, settings: Settings, noted: set[str] | None) -> 
         noted.update(folder.writing)
     if fresh:
         path, why = fresh[0]
-        waiting = sum(WAITS_WHOLE in w for _, w in fresh)
+        waiting = sum(p in waits for p, _ in fresh)
         arriving = len(fresh) - waiting
-        more = f" (and {len(fresh) - 1} more files)" if len(fresh) > 1 and not arriving else (
-            f" (and {arriving - 1} more files)" if arriving > 1 else "")
+        others = (arriving or waiting) - 1  # the files named by the same line
+        more = f" (and {others} more files)" if others else ""
         if waiting and arriving:
             why += f"; {waiting} settled files of the folder wait for the rest of it"
         event("INFO", "%s/%s%s: still being written or incomplete, left in place for the next"

@@ -191,11 +191,10 @@ def wait_whole(folder: Folder) -> None:
     sent while any of its files is still arriving. What arrives later may be another
     patient's CD, and the folder is checked as one (chaos seed 35: run-once during a slow
     copy sent the first file under the folder's ID before the second patient's arrived)."""
-    arriving = sorted(folder.writing)
-    if not arriving or not folder.files:
+    if not folder.writing or not folder.files:
         return
-    first = os.path.relpath(arriving[0], folder.path)
-    why = f"{WAITS_WHOLE} ({first}: {folder.writing[arriving[0]]})"
+    first = min(folder.writing)
+    why = f"{WAITS_WHOLE} ({os.path.relpath(first, folder.path)}: {folder.writing[first]})"
     folder.writing.update((f.path, why) for f in folder.files)
     folder.files = []
 
