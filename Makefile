@@ -9,10 +9,12 @@ DEMO_DELAY ?= 5
 
 .PHONY: test run bench chaos lint system-deps venv clean docker-image docker-test
 
-## Debian packages: DCMTK (the DICOM tools), Orthanc (demo PACS and test receiver), venv.
+## Debian packages: DCMTK (the DICOM tools), Orthanc (demo PACS and test receiver), venv,
+## gcc (the campaign's and the tests' clock shim, chaos/clockjump.c).
 system-deps:
 	@missing=""; \
 	command -v storescu >/dev/null 2>&1 || missing="$$missing dcmtk"; \
+	command -v gcc >/dev/null 2>&1 || missing="$$missing gcc libc6-dev"; \
 	[ -x /usr/sbin/Orthanc ] || command -v Orthanc >/dev/null 2>&1 || missing="$$missing orthanc"; \
 	$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \

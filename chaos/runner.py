@@ -8,10 +8,12 @@ its verdicts, within `LIVENESS` seconds; then the oracle reads every place.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 import traceback
@@ -140,6 +142,9 @@ def play(scenario: Scenario, root: Path) -> Run:
             f'[[destination]]\nname = "{r.destination.name}"\nhost = "{r.host}"\n'
             f'port = {r.port}\naet = "{r.aet}"\nrequired = false\n' for r in optional))
         site.env["IMPORTER_CONFIG"] = str(config)
+    if any(e.kind == "clock-jump" for e in scenario.events):
+        site.env |= {"LD_PRELOAD": str(clock_shim()), "CLOCKJUMP_FILE": str(site.root / "clock")}
+        (site.root / "clock").write_text("0\n")
     truth = Truth(scenario)
     run = Run(scenario, site, truth, receivers)
     staging = site.root / "staging"
@@ -300,10 +305,27 @@ def _event(run: Run, share: Share, importer: Importer, e: Event, start: float) -
         if run.scenario.mode == "watch":
             time.sleep(float(e.arg))
             importer.watch()
+    elif e.kind == "clock-jump":  # the step stays: nobody sets a clock back after NTP
+        clock = run.site.root / "clock"
+        (run.site.root / "clock.new").write_text(e.arg + "\n")
+        (run.site.root / "clock.new").replace(clock)
     elif e.kind == "two-importers":
         importer.run_once("second importer (run-once)")
     if done:
         _count(run, e.kind)
+
+
+def clock_shim() -> Path:
+    """clockjump.c built once per version of it (gcc, as the machine has it)."""
+    source = Path(__file__).with_name("clockjump.c")
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    shim = Path(tempfile.gettempdir()) / f"clockjump-{digest}.so"
+    if not shim.exists():
+        building = shim.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-o", str(building),
+                        str(source), "-ldl"], check=True)
+        building.replace(shim)
+    return shim
 
 
 def _count(run: Run, kind: str) -> None:

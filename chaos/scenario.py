@@ -22,7 +22,7 @@ FAULTS: dict[str, tuple[str, ...]] = {
               "add-during-run"),
     "pacs": ("down", "refuse-association", "abort", "stall-dimse", "refuse-file",
              "refuse-transient", "ack-and-lose", "index-late", "wrong-find"),
-    "importer": ("sigkill", "syscall-enospc", "syscall-eio", "two-importers"),
+    "importer": ("sigkill", "syscall-enospc", "syscall-eio", "two-importers", "clock-jump"),
 }
 
 # pydicom's public test files, grouped by patient (a folder holds one group: one person).
@@ -180,7 +180,7 @@ def generate(seed: int) -> Scenario:
         transient=tuple(rng.sample(images, min(len(images), rng.randint(0, 2)))))
         if d.kind == "refusing" else d for d in destinations]
     events = _share_events(rng, folders, uid) + _pacs_events(rng, destinations, finder)
-    events += _importer_events(rng, mode)
+    events += _importer_events(rng, mode) + _clock_events(random.Random(f"clock-{seed}"))
     return Scenario(seed, mode, destinations, tuple(folders),
                     tuple(sorted(events, key=lambda e: e.at)), tuple(preload))
 
@@ -315,3 +315,23 @@ def _importer_events(rng: random.Random, mode: str) -> list[Event]:
     if rng.random() < 0.3:
         events.append(Event(round(rng.uniform(2, TIMELINE - 2), 1), "two-importers", "run-once"))
     return events
+
+
+# How far the importer's wall clock steps (seconds): an NTP correction, a NAS whose clock ran
+# ahead, a container started before its host's clock was set. Its monotonic clock and the
+# kernel's file times do not move (see clockjump.c).
+CLOCK_STEPS = (-86400.0, -3600.0, -600.0, -30.0, -2.0, 2.0, 30.0, 600.0, 3600.0, 86400.0)
+
+
+def _clock_events(rng: random.Random) -> list[Event]:
+    """The importer's clock jumping, drawn from a generator of its own: every scenario that
+    has none is the same as before the kind existed (the seeds of earlier campaigns hold)."""
+    if rng.random() >= 0.15:
+        return []
+    steps = rng.sample(CLOCK_STEPS, rng.choice((1, 1, 2)))
+    offset, events = 0.0, []
+    for step in steps:
+        offset += step
+        events.append(Event(round(rng.uniform(0.5, TIMELINE - 1), 1), "clock-jump", "importer",
+                            f"{offset:g}"))
+    return sorted(events, key=lambda e: e.at)

@@ -19,6 +19,7 @@ is still a new version.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -134,20 +135,52 @@ class Unsettled:
     by_age_alone: bool = False
 
 
+CLOCK_PROBE = ".dicom-importer-clock"  # hidden at the top of the import dir: never a folder
+
+
+def share_time(directory: str | os.PathLike[str]) -> float:
+    """Now, by the clock that stamps the share's files: a file's age is that clock's reading
+    minus its ctime. Our own wall clock may differ and step (an NTP correction, a network
+    mount whose server's clock runs ahead): an hour behind, every file would stay "changed
+    -3600 s ago" for an hour; ahead, a file paused mid-copy would look settled (chaos:
+    clock-jump). A byte written to a hidden file, which is removed again; our clock if that
+    cannot be done."""
+    path = os.path.join(directory, CLOCK_PROBE)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return time.time()
+    try:
+        os.pwrite(fd, b"\n", 0)
+        st = os.fstat(fd)
+        return max(st.st_mtime_ns, st.st_ctime_ns) / 1e9
+    except OSError:
+        return time.time()
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 class SettleCheck:
     """Tells which files are still being written. Build one per folder check: the /proc
     walk is done at most once, and only when a lease could not tell for some file."""
 
-    def __init__(self, settle_seconds: float, now: float | None = None) -> None:
+    def __init__(self, settle_seconds: float, now: float | None = None,
+                 share: str | os.PathLike[str] | None = None) -> None:
         self.settle_seconds = settle_seconds
-        self.now = time.time() if now is None else now
+        self.share = share  # the import dir, whose clock ages its files (share_time)
+        self.now = self._clock() if now is None else now
         self._proc: dict[tuple[int, int], str] | None = None
         _ignore_sigio()
 
     def from_now(self) -> SettleCheck:
         """The same check, its clock read again (for the next folder of a batch)."""
-        self.now = time.time()
+        self.now = self._clock()
         return self
+
+    def _clock(self) -> float:
+        return time.time() if self.share is None else share_time(self.share)
 
     def why_unsettled(self, path: str, ident: Identity | None) -> str | None:
         """Why path must not be taken now (None: settled)."""

@@ -8,7 +8,6 @@ import fcntl
 import os
 import stat
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -127,7 +126,7 @@ def listed_groups(settings: Settings, matched: list[tuple[str, Patient]],
     only too young, with wait_for_settle, waited for once per group), and appended to taken.
 
     Raises dcmtk.Stopped when told to stop during the wait."""
-    settle = SettleCheck(settings.settle_seconds)
+    settle = SettleCheck(settings.settle_seconds, share=settings.import_dir)
     group: list[Folder] = []
     young: list[tuple[Folder, SourceFile]] = []
     count = 0
@@ -212,7 +211,7 @@ def wait_for_settling(young: list[tuple[Folder, SourceFile]], settle: SettleChec
     # A hair more than the youngest needs (the wall clock against the timer's), but never
     # more than SETTLE_SECONDS (a network mount's clock ahead of ours).
     youngest = max(f.ident.changed_at() for _, f in young)
-    left = min(seconds, youngest + seconds - time.time() + 0.05)
+    left = min(seconds, youngest + seconds - settle.from_now().now + 0.05)
     if left > 0:
         files = f"{len(young)} files" if len(young) != 1 else "1 file"
         event("INFO", "%s changed less than %g s ago and nobody is writing them: "

@@ -35,7 +35,7 @@ from importer.extract import HINT, Budget, Damaged, Refused, extract, is_tar
 from importer.folders import display
 from importer.logs import event, warn
 from importer.model import Folder, SourceFile, folder_hash
-from importer.share import Identity, changed_since, identity, read_head
+from importer.share import Identity, changed_since, identity, read_head, share_time
 from importer.sniff import HEAD_BYTES, UNPACKED, archive_format
 
 WORK = ".unpacked"
@@ -169,7 +169,8 @@ class _Unpacker:
             return False
         except Damaged as exc:
             _remove(str(partial))
-            if time.time() - source.ident.changed_at() < settings.incomplete_grace:
+            age = share_time(settings.import_dir) - source.ident.changed_at()
+            if age < settings.incomplete_grace:
                 self._set_aside(source, folder.writing, f"incomplete: {exc}")
             else:
                 self._set_aside(source, folder.to_quarantine,

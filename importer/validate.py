@@ -8,14 +8,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 
 from importer import dcmtk
 from importer.config import Settings
 from importer.folders import display
 from importer.logs import event, warn
 from importer.model import Folder, SourceFile
-from importer.share import image_without_pixels, read_head
+from importer.share import image_without_pixels, read_head, share_time
 from importer.snapshot import unchanged
 from importer.sniff import DICOMDIR, HEAD_BYTES, kind_of, may_become_dicom, plainly_not_dicom
 
@@ -51,7 +50,7 @@ def classify(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -
     that is plainly something else (text, a program, a font, a ZIP: sniff.py) is not one:
     it is archived unsent with the folder at once."""
     folder.files = unchanged(folder, folder.files, "while being read")
-    now = time.time()
+    now = share_time(settings.import_dir)  # the share's clock ages its files
     candidates = []
     not_dicom: list[tuple[str, str]] = []  # (rel, what it is)
     for source in folder.files:

@@ -27,6 +27,7 @@ from importer.folders import display, mask_names, parse_folder_name
 from importer.journal import Journal
 from importer.logs import event, warn
 from importer.pipeline import run_batch
+from importer.share import share_time
 from importer.snapshot import list_files, scan_import_dir, warn_unmatched
 from importer.upkeep import HEARTBEAT_SECONDS, Upkeep
 
@@ -219,7 +220,7 @@ class Watcher:
         folders that have been quiet long enough go at once."""
         if not startup:
             self._add_tree(self.root)
-        now_wall, now_mono = time.time(), time.monotonic()
+        now_wall, now_mono = share_time(self.root), time.monotonic()
         matched, unmatched = scan_import_dir(self.settings)
         warn_unmatched(unmatched, self.quiet_unmatched)
         pending = self.timers.pending()

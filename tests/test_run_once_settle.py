@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from chaos.runner import clock_shim
 from simsite.dicomgen import make_ct, make_patient_folder
 from simsite.receivers import StoreSCP
 from simsite.site import IMPORTER, Site
@@ -183,3 +184,47 @@ def test_sigterm_ends_the_wait_at_once(site: Site, storescp: StoreSCP,
     assert "SIGTERM received" in stderr
     assert storescp.received() == [] and site.archived() == {}
     assert site.remaining() == [f"{FOLDER}/IM0000{i}.dcm" for i in range(1, 5)]
+
+
+def _clock_off_by(site: Site, seconds: float) -> None:
+    """The importer's wall clock (and its DCMTK tools') `seconds` off the kernel's, which
+    stamps the files: a network mount whose server's clock runs ahead, or an NTP step."""
+    site.env |= {"LD_PRELOAD": str(clock_shim()), "CLOCKJUMP_FILE": str(site.root / "clock")}
+    (site.root / "clock").write_text(f"{seconds:g}\n")
+
+
+def test_run_once_with_its_clock_an_hour_behind_the_share_takes_a_settled_copy(
+        site: Site, storescp: StoreSCP, tmp_path: Path) -> None:
+    """Files are aged by the share's clock, not ours: an hour behind, every file had looked
+    'changed -3600 s ago' and stayed for an hour (chaos seeds 5 and 21: clock-jump)."""
+    site.use(storescp)
+    site.env["SETTLE_SECONDS"] = f"{SETTLE:g}"
+    make_patient_folder(tmp_path / "src", "#503-Behind^Clock", 3)
+    copy_in(tmp_path / "src" / "#503-Behind^Clock", site)
+    time.sleep(SETTLE + 0.5)
+    _clock_off_by(site, -3600)
+    result = site.run()
+    assert result.returncode == 0, result.stderr
+    assert "waiting" not in result.stderr and "changed -" not in result.stderr
+    storescp.stop()
+    assert len(storescp.received()) == 3
+    assert len(site.archived()) == 3 and site.remaining() == []
+
+
+def test_run_once_with_its_clock_an_hour_ahead_waits_for_a_fresh_copy(
+        site: Site, storescp: StoreSCP, tmp_path: Path) -> None:
+    """An hour ahead, a file copied a moment ago is still young by the share's clock: it is
+    waited for (once, SETTLE_SECONDS at most), not taken at once as an hour old."""
+    site.use(storescp)
+    site.env["SETTLE_SECONDS"] = f"{SETTLE:g}"
+    _clock_off_by(site, 3600)
+    make_patient_folder(tmp_path / "src", "#504-Ahead^Clock", 2)
+    last_copy = copy_in(tmp_path / "src" / "#504-Ahead^Clock", site)
+    result = site.run()
+    end = time.time()
+    assert result.returncode == 0, result.stderr
+    waits = WAIT_LINE.findall(result.stderr)
+    assert len(waits) == 1 and int(waits[0][0]) == 2, result.stderr
+    assert end - last_copy >= SETTLE  # nothing was taken before it had settled
+    storescp.stop()
+    assert len(storescp.received()) == 2 and len(site.archived()) == 2
