@@ -143,8 +143,7 @@ def play(scenario: Scenario, root: Path) -> Run:
             f'port = {r.port}\naet = "{r.aet}"\nrequired = false\n' for r in optional))
         site.env["IMPORTER_CONFIG"] = str(config)
     if any(e.kind == "clock-jump" for e in scenario.events):
-        site.env |= {"LD_PRELOAD": str(clock_shim()), "CLOCKJUMP_FILE": str(site.root / "clock")}
-        (site.root / "clock").write_text("0\n")
+        site.env |= clock_env(site.root / "clock")
     truth = Truth(scenario)
     run = Run(scenario, site, truth, receivers)
     staging = site.root / "staging"
@@ -306,13 +305,25 @@ def _event(run: Run, share: Share, importer: Importer, e: Event, start: float) -
             time.sleep(float(e.arg))
             importer.watch()
     elif e.kind == "clock-jump":  # the step stays: nobody sets a clock back after NTP
-        clock = run.site.root / "clock"
-        (run.site.root / "clock.new").write_text(e.arg + "\n")
-        (run.site.root / "clock.new").replace(clock)
+        set_clock(run.site.root / "clock", float(e.arg))
     elif e.kind == "two-importers":
         importer.run_once("second importer (run-once)")
     if done:
         _count(run, e.kind)
+
+
+def clock_env(clock: Path, offset: float = 0.0) -> dict[str, str]:
+    """The environment of a process whose wall clock is offset seconds off the kernel's
+    (clockjump.c), the offset kept in clock, where set_clock moves it."""
+    set_clock(clock, offset)
+    return {"LD_PRELOAD": str(clock_shim()), "CLOCKJUMP_FILE": str(clock)}
+
+
+def set_clock(clock: Path, offset: float) -> None:
+    """Step the clock at once (replaced whole: the shim never reads half a number)."""
+    new = clock.with_name(clock.name + ".new")
+    new.write_text(f"{offset:g}\n")
+    new.replace(clock)
 
 
 def clock_shim() -> Path:

@@ -11,9 +11,10 @@ import fcntl
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from importer.share import share_time
 
 LOCK = ".lock"
 
@@ -53,6 +54,8 @@ def remove_stale(work_root: Path, prefix: str) -> None:
 
 def _older_than(path: str, seconds: float) -> bool:
     try:
-        return time.time() - os.stat(path).st_mtime > seconds
+        # by the clock that stamped it (share_time), not ours: a step ahead would take a
+        # directory being made now for one a killed run left
+        return share_time(os.path.dirname(path)) - os.stat(path).st_mtime > seconds
     except OSError:
         return False

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from chaos.runner import clock_shim
+from chaos.runner import clock_env
 from simsite.dicomgen import make_ct, make_patient_folder
 from simsite.receivers import StoreSCP
 from simsite.site import IMPORTER, Site
@@ -189,8 +189,7 @@ def test_sigterm_ends_the_wait_at_once(site: Site, storescp: StoreSCP,
 def _clock_off_by(site: Site, seconds: float) -> None:
     """The importer's wall clock (and its DCMTK tools') `seconds` off the kernel's, which
     stamps the files: a network mount whose server's clock runs ahead, or an NTP step."""
-    site.env |= {"LD_PRELOAD": str(clock_shim()), "CLOCKJUMP_FILE": str(site.root / "clock")}
-    (site.root / "clock").write_text(f"{seconds:g}\n")
+    site.env |= clock_env(site.root / "clock", seconds)
 
 
 def test_run_once_with_its_clock_an_hour_behind_the_share_takes_a_settled_copy(
