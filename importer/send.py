@@ -26,11 +26,12 @@ from importer.share import Identity
 from importer.stamp import WORK_DIR_NAME
 from importer.verify import Verifier
 
-# Against a PACS that answers fast, one more storescu (~10 ms of CPU to start) costs more
-# than it gains below ~200 files; against one that stalls per file (Nagle: ~44 ms), parallel
+# Against a PACS that answers fast, one more storescu (~40 ms of CPU to start: its data
+# dictionary, the association) costs more than it gains below ~1,000 files (the importer's
+# other work has the other core); against one that stalls per file (Nagle: ~44 ms), parallel
 # associations are the lever, down to small groups. Which one it is shows in its answers,
 # and is remembered in the journal for the next batch.
-MIN_FILES_PER_ASSOCIATION = 200
+MIN_FILES_PER_ASSOCIATION = 1000
 MIN_FILES_PER_ASSOCIATION_SLOW = 10
 MIN_FILES_PER_ASSOCIATION_UNKNOWN = 100  # not measured yet: hedge between the two
 SLOW_SECONDS_PER_FILE = 0.01
