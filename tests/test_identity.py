@@ -606,7 +606,8 @@ def test_patient_names_stay_out_of_every_log(site: Site, storescp: StoreSCP) -> 
     # Batched: per folder and original identity one call in place (#50: Old^Name, and the
     # name-as-sequence file; #51), plus one for #50's converted working copies.
     assert len(modify) == 4
-    dumped = [line for r in tools if r["tool"] == "dcmdump" for line in r["output"]
-              if "(0010,0010)" in line]
-    assert dumped and all("***" in line for line in dumped)
+    # dcmdump's values are data for the importer: its records count them, not repeat them.
+    dumps = [r for r in tools if r["tool"] == "dcmdump"]
+    assert dumps and all(r["data_lines"] > 0 for r in dumps)
+    assert not [line for r in dumps for line in r["output"] if line.lstrip().startswith("(")]
     assert any("PatientName is not the folder's" in line for line in result.stderr.splitlines())

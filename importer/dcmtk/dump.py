@@ -15,7 +15,7 @@ def dicom_magic(paths: Sequence[str]) -> dict[str, bool]:
     """Which files carry the DICM magic (a truncated file still says yes)."""
     found: dict[str, bool] = {}
     for chunk in chunked(paths):
-        for line in run("dcmftest", chunk).lines:
+        for line in run("dcmftest", chunk, data=("yes: ", "no: ")).lines:
             verdict, sep, path = line.partition(": ")
             if sep and verdict in ("yes", "no"):
                 found[path] = verdict == "yes"
@@ -38,6 +38,9 @@ ROWS = "0028,0010"
 ORIGINAL_ATTRIBUTES = "0400,0561"  # Original Attributes Sequence (its value: item count)
 PIXEL_DATA_TAGS = ("7fe0,0010", "7fe0,0008", "7fe0,0009")  # integer, float, double float
 
+# The lines of a dcmdump +F +p output that are its values: a file's header, an element
+# (indented: inside a sequence).
+DUMP_DATA = ("# dcmdump (", "(", " ")
 _HEADER = re.compile(r"^# dcmdump \(\d+/\d+\): (?P<path>.*)$")
 ELEMENT = re.compile(
     r"^\((?P<tag>[0-9a-f]{4},[0-9a-f]{4})\) (?P<vr>[A-Z]{2}) "
@@ -83,7 +86,8 @@ def dump_tags(paths: Sequence[str], tags: Iterable[str]) -> dict[str, Dump]:
     parser = _DumpParser()
     for chunk in chunked(paths, fixed_bytes=sum(len(a) + 9 for a in tag_args)):
         parser.current = None
-        run("dcmdump", ["-M", "+F", "+L", "+p", "-Un", *tag_args, *chunk], on_line=parser)
+        run("dcmdump", ["-M", "+F", "+L", "+p", "-Un", *tag_args, *chunk], on_line=parser,
+            data=DUMP_DATA)
     dumps = parser.dumps
     for path in paths:
         if path not in dumps:
