@@ -35,6 +35,7 @@ MIN_FILES_PER_ASSOCIATION = 1000
 MIN_FILES_PER_ASSOCIATION_SLOW = 10
 MIN_FILES_PER_ASSOCIATION_UNKNOWN = 100  # not measured yet: hedge between the two
 SLOW_SECONDS_PER_FILE = 0.01
+PACE_FIRST, PACE_EVERY = 10, 50  # an association's pace is told after 10 answers, then every 50
 DECOMPRESSED = "decompress-"  # scratch directories of the copies sent decompressed
 
 
@@ -245,7 +246,10 @@ class _AnswerRecorder:
         self.journal = journal
         self.destination = destination
         self.files = files
-        self.on_pace = on_pace  # told the time between two answers of this association
+        # Told this association's pace so far: its time per answer since its first (one
+        # gap alone is noise: the thread waited for the interpreter's lock while both cores
+        # were busy, and a fast PACS looked slow, split into 4x the storescu starts).
+        self.on_pace = on_pace
         self.owners = owners  # file -> its folder
         self.counted = counted  # answers count on the folders' progress lines
         self.note = note  # added to each answer's status (e.g. sent decompressed)
@@ -255,7 +259,8 @@ class _AnswerRecorder:
         self.studies: set[tuple[str, str, str]] = set()
         self.studies_recorded: set[tuple[str, str, str]] = set()
         self.last_flush = time.monotonic()
-        self.last_answer: float | None = None
+        self.first_answer: float | None = None
+        self.answers = 0
 
     def add(self, path: str, result: dcmtk.StoreResult) -> None:
         source = self.files.get(path)
@@ -263,9 +268,12 @@ class _AnswerRecorder:
             return
         self.recorded.add(path)
         now = time.monotonic()
-        if self.last_answer is not None:
-            self.on_pace(now - self.last_answer)
-        self.last_answer = now
+        if self.first_answer is None:
+            self.first_answer = now
+        else:
+            self.answers += 1
+            if self.answers == PACE_FIRST or self.answers % PACE_EVERY == 0:
+                self.on_pace((now - self.first_answer) / self.answers)
         owner = self.owners.get(source.path)
         if owner is not None and self.counted:
             progress.add(owner.name, "answered")
