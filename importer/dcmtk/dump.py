@@ -115,6 +115,8 @@ class _DumpParser:
             if close > 15 and line[close + 1:].lstrip().startswith("#"):
                 self._keep(line[1:10], line[12:14], clean(line[16:close]))
                 return
+        if line[:1] == " ":
+            return  # inside a sequence: only top-level values are kept
         if header := _HEADER.match(line):
             self.current = self.dumps.setdefault(header["path"], Dump())
         elif error := _READ_ERROR.match(line):

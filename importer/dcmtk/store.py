@@ -206,7 +206,8 @@ class _StoreParser:
             self.sop, self.unconvertible = "", None
         elif request := _STORE_REQUEST.match(line):
             self.sop = request["sop"]
-        elif (cannot := _CANNOT_CONVERT.search(line)) and self.current:
+        elif ("unable to convert" in line and (cannot := _CANNOT_CONVERT.search(line))
+              and self.current):
             self.unconvertible = (f"the PACS accepts no {cannot['source']} for this file's"
                                   f" SOP class ({self.sop or 'see the file'})")
         elif (response := _RESPONSE.match(line)) and self.current:
