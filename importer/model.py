@@ -22,6 +22,7 @@ class SourceFile:
     ident: Identity  # as read (or, once stamped, as stamped): checked before each last step
     transfer_syntax: str = ""  # from the first full read; stamping keeps it
     sop_uid: str = ""  # for C-FIND verification and the receipt
+    sop_class: str = ""  # whether storescu must be told to propose it (-R)
     study_uid: str = ""
     _key: FileKey | None = field(default=None, repr=False, compare=False)  # see key
 

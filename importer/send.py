@@ -172,7 +172,8 @@ class Sender:
 
         try:
             results, error = dcmtk.store(destination, list(by_path), transfer_syntax,
-                                         on_answer=recorder.add, still=still)
+                                         on_answer=recorder.add, still=still,
+                                         sop_classes={p: f.sop_class for p, f in by_path.items()})
         except (dcmtk.DcmtkMissing, dcmtk.Stopped) as exc:
             results, error = {}, str(exc)
         recorder.flush()

@@ -82,6 +82,7 @@ def classify(folder: Folder, dumps: dict[str, dcmtk.Dump], settings: Settings) -
         else:
             source.transfer_syntax = dump.values.get(dcmtk.TRANSFER_SYNTAX, "")
             source.sop_uid = dump.values.get(dcmtk.SOP_INSTANCE_UID, "")
+            source.sop_class = dump.values.get(dcmtk.SOP_CLASS, "")
             source.study_uid = dump.values.get(dcmtk.STUDY_INSTANCE_UID, "")
             candidates.append(source)
     folder.files = candidates

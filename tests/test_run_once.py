@@ -7,6 +7,7 @@ identity, what was archived where, what stayed in the import dir, and the exit c
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.uid import generate_uid
 
 from importer.config import load_settings
@@ -425,6 +427,39 @@ def test_compressed_files_and_uncommon_sop_classes_are_delivered(site: Site,
         assert ds.PatientID == "30" and str(ds.PatientName) == "Compressed^Mix"
         assert ds.file_meta.TransferSyntaxUID == samples[uids[uid]], uids[uid]
     assert len(site.archived()) == len(samples)
+
+
+def test_files_of_default_classes_go_without_R_and_an_unproposed_class_goes_again_with_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """storescu -R reads every file once more before the association: files of the classes
+    storescu proposes anyway go without it. Should a class on that list not be proposed
+    after all (another DCMTK release), its files go again with -R: delivered, not refused."""
+    from pydicom.data import get_testdata_file
+
+    from importer import dcmtk
+    from importer.config import Destination
+
+    storescu = importlib.import_module("importer.dcmtk.store")  # (dcmtk.store: the function)
+    segmentation = str(tmp_path / "seg.dcm")
+    shutil.copyfile(get_testdata_file("liver_1frame.dcm"), segmentation)
+    ct = str(tmp_path / "ct.dcm")
+    uids = {make_ct(Path(ct), rows=16), pydicom.dcmread(segmentation).SOPInstanceUID}
+    seg_class, ct_class = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.2"
+    assert seg_class not in storescu.STORESCU_PROPOSES and ct_class in storescu.STORESCU_PROPOSES
+    with StoreSCP(tmp_path / "received") as receiver, caplog.at_level("DEBUG", "importer.dcmtk"):
+        destination = Destination("pacs", receiver.host, receiver.port, receiver.aet)
+        alone, _ = dcmtk.store(destination, [ct], sop_classes={ct: ct_class})
+        monkeypatch.setattr(storescu, "STORESCU_PROPOSES",
+                            storescu.STORESCU_PROPOSES | {seg_class})  # a wrong list
+        both, error = dcmtk.store(destination, [segmentation, ct],
+                                  sop_classes={segmentation: seg_class, ct: ct_class})
+        received = {ds.SOPInstanceUID for ds in receiver.received_datasets()}
+    runs = [r.argv for r in caplog.records if getattr(r, "tool", None) == "storescu"]
+    assert alone[ct].outcome is dcmtk.Outcome.DELIVERED and "-R" not in runs[0]
+    assert {path: r.outcome for path, r in both.items()} == {
+        segmentation: dcmtk.Outcome.DELIVERED, ct: dcmtk.Outcome.DELIVERED}, both
+    assert "-R" not in runs[1] and "-R" in runs[2] and len(runs) == 3, runs
+    assert received == uids and error == ""
 
 
 def test_a_crash_mid_stamp_costs_no_original(site: Site, storescp: StoreSCP) -> None:

@@ -1,8 +1,9 @@
 """The only place that runs a DCMTK tool: argv in, parsed results out, one module per tool
 (runner: how any tool runs; dump: dcmftest, dcmdump; modify: dcmodify, dcmconv and the
-decompressors; store: storescu, echoscu; find: findscu). Paths travel as surrogateescape
-strings both ways, so a file name that is not valid UTF-8 reaches the tool byte for byte
-and comes back in its output as the same Python string.
+decompressors; store: storescu; echo: echoscu and the association's arguments; find:
+findscu). Paths travel as surrogateescape strings both ways, so a file name that is not
+valid UTF-8 reaches the tool byte for byte and comes back in its output as the same Python
+string.
 """
 
 from importer.dcmtk.dump import (
@@ -23,6 +24,7 @@ from importer.dcmtk.dump import (
     dicom_magic,
     dump_tags,
 )
+from importer.dcmtk.echo import echo, echo_reached
 from importer.dcmtk.find import FindResult, find_instances
 from importer.dcmtk.modify import (
     convert_to_utf8,
@@ -49,8 +51,6 @@ from importer.dcmtk.store import (
     Outcome,
     StoreResult,
     classify_status,
-    echo,
-    echo_reached,
     proposal_for,
     store,
 )

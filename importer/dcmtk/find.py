@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from importer.config import Destination
 from importer.dcmtk.dump import ELEMENT, PATIENT_ID, SOP_INSTANCE_UID, clean
+from importer.dcmtk.echo import association_args
 from importer.dcmtk.runner import ToolRun, run
-from importer.dcmtk.store import association_args
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""storescu and echoscu: a file counts as delivered only by the PACS's answer for it."""
+"""storescu: a file counts as delivered only by the PACS's answer for it."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import functools
 import os
 import re
 import resource
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
 from importer.config import Destination
-from importer.dcmtk.runner import ToolRun, run
+from importer.dcmtk.echo import association_args
+from importer.dcmtk.runner import run
 
 # Files per storescu run, at most (a start costs ~10 ms of CPU: negligible per 1,000).
 MAX_FILES_PER_ASSOCIATION = 1000
@@ -40,6 +41,43 @@ _SENDING = "I: Sending file: "
 _RESPONSE = re.compile(r"^I: Received Store Response \((?P<status>.*)\)\s*$")
 _BAD_FILE = re.compile(r"^E: Bad DICOM file: (?P<rest>.*)$")
 _STORE_FAILED = "E: Store Failed, file: "
+_NO_CONTEXT = "No presentation context for: "
+# The SOP classes storescu proposes without -R (DCMTK 3.6.7: `storescu -d` lists them even
+# against a closed port); a file of another class needs -R.
+STORESCU_PROPOSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1",
+    "1.2.840.10008.5.1.4.1.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.2",
+    "1.2.840.10008.5.1.4.1.1.1.2.1", "1.2.840.10008.5.1.4.1.1.1.3",
+    "1.2.840.10008.5.1.4.1.1.1.3.1", "1.2.840.10008.5.1.4.1.1.104.1",
+    "1.2.840.10008.5.1.4.1.1.11.1", "1.2.840.10008.5.1.4.1.1.11.2",
+    "1.2.840.10008.5.1.4.1.1.11.3", "1.2.840.10008.5.1.4.1.1.11.4",
+    "1.2.840.10008.5.1.4.1.1.12.1", "1.2.840.10008.5.1.4.1.1.12.1.1",
+    "1.2.840.10008.5.1.4.1.1.12.2", "1.2.840.10008.5.1.4.1.1.12.2.1",
+    "1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.2",
+    "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.20",
+    "1.2.840.10008.5.1.4.1.1.3.1", "1.2.840.10008.5.1.4.1.1.4",
+    "1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.2",
+    "1.2.840.10008.5.1.4.1.1.481.1", "1.2.840.10008.5.1.4.1.1.481.2",
+    "1.2.840.10008.5.1.4.1.1.481.3", "1.2.840.10008.5.1.4.1.1.481.4",
+    "1.2.840.10008.5.1.4.1.1.481.5", "1.2.840.10008.5.1.4.1.1.481.6",
+    "1.2.840.10008.5.1.4.1.1.481.7", "1.2.840.10008.5.1.4.1.1.6.1",
+    "1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.66.1",
+    "1.2.840.10008.5.1.4.1.1.66.2", "1.2.840.10008.5.1.4.1.1.67",
+    "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.1",
+    "1.2.840.10008.5.1.4.1.1.7.2", "1.2.840.10008.5.1.4.1.1.7.3",
+    "1.2.840.10008.5.1.4.1.1.7.4", "1.2.840.10008.5.1.4.1.1.77.1.1",
+    "1.2.840.10008.5.1.4.1.1.77.1.2", "1.2.840.10008.5.1.4.1.1.77.1.3",
+    "1.2.840.10008.5.1.4.1.1.77.1.4", "1.2.840.10008.5.1.4.1.1.77.1.5.1",
+    "1.2.840.10008.5.1.4.1.1.77.1.5.2", "1.2.840.10008.5.1.4.1.1.77.1.5.3",
+    "1.2.840.10008.5.1.4.1.1.77.1.5.4", "1.2.840.10008.5.1.4.1.1.88.11",
+    "1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33",
+    "1.2.840.10008.5.1.4.1.1.88.40", "1.2.840.10008.5.1.4.1.1.88.50",
+    "1.2.840.10008.5.1.4.1.1.88.59", "1.2.840.10008.5.1.4.1.1.88.65",
+    "1.2.840.10008.5.1.4.1.1.88.67", "1.2.840.10008.5.1.4.1.1.88.69",
+    "1.2.840.10008.5.1.4.1.1.9.1.1", "1.2.840.10008.5.1.4.1.1.9.1.2",
+    "1.2.840.10008.5.1.4.1.1.9.1.3", "1.2.840.10008.5.1.4.1.1.9.2.1",
+    "1.2.840.10008.5.1.4.1.1.9.3.1", "1.2.840.10008.5.1.4.1.1.9.4.1",
+})
 _NO_UID = "E: No SOP Class or Instance UID in file: "
 # storescu -v prints progress dots after "XMIT:" without a newline, so the failure of a
 # file sent after an abort arrives as "XMIT: E: Store Failed, file: …" (chaos seeds 31, 227).
@@ -89,8 +127,11 @@ def proposal_for(transfer_syntax: str) -> str:
 def store(destination: Destination, paths: Sequence[str], proposal: str = "",
           on_answer: Callable[[str, StoreResult], None] | None = None,
           still: Callable[[str, os.stat_result], bool] | None = None,
+          sop_classes: Mapping[str, str] | None = None,
           ) -> tuple[dict[str, StoreResult], str]:
     """Send files over one association per chunk; return each file's result.
+    sop_classes (path -> SOP Class UID): when all are in storescu's default proposal,
+    storescu goes without -R.
 
     A file counts as delivered only by the PACS's own answer for it. Files for which no
     answer arrived (connection refused, association rejected or aborted) are TRANSIENT.
@@ -102,9 +143,15 @@ def store(destination: Destination, paths: Sequence[str], proposal: str = "",
     opened file is the version meant to go; one that is not stays for its next run.
     """
     # -R: propose only the SOP classes present, so classes outside storescu's default list
-    # (e.g. Segmentation) can be sent too.
-    args = ["-v", "-nh", "-R", *([proposal] if proposal else []),
-            *association_args(destination), destination.host, str(destination.port)]
+    # (e.g. Segmentation) can be sent too; it costs a read of every file before the
+    # association (~0.1 ms a file), so files of default classes go without it.
+    required = bool(proposal) or sop_classes is None or not all(
+        sop_classes.get(path, "") in STORESCU_PROPOSES for path in paths)
+
+    def argv(required: bool) -> list[str]:
+        return ["-v", "-nh", *(["-R"] if required else []), *([proposal] if proposal else []),
+                *association_args(destination), destination.host, str(destination.port)]
+
     pinned: dict[str, tuple[int, os.stat_result]] = {}
 
     def answered(path: str, result: StoreResult) -> None:
@@ -126,19 +173,31 @@ def store(destination: Destination, paths: Sequence[str], proposal: str = "",
         parser.current = parser.failed = None
         files = {fd: path for path, (fd, _st) in pinned.items()}
         try:
-            tool_run = run("storescu", [*args, *(f"/dev/fd/{fd}" for fd in files)],
+            tool_run = run("storescu", [*argv(required), *(f"/dev/fd/{fd}" for fd in files)],
                            on_line=parser, network=True, pinned=files)
         finally:
             for fd in files:
                 os.close(fd)
         if tool_run.exit_code != 0 and not parser.association_errors:
             parser.association_errors.append(f"storescu exit code {tool_run.exit_code}")
+        if not required and (unproposed := _unproposed(pinned, parser.results)):
+            # A class this storescu does not propose by default after all (another DCMTK
+            # release): those files go again, with -R, before any answer is given for them.
+            for path in unproposed:
+                del parser.results[path]
+            left, required = [*unproposed, *left], True
     error = "; ".join(dict.fromkeys(parser.association_errors))
     results = parser.results
     for path in paths:
         if path not in results:
             results[path] = StoreResult(Outcome.TRANSIENT, error or "no answer from the PACS")
     return results, error
+
+
+def _unproposed(pinned: Mapping[str, object], results: Mapping[str, StoreResult]) -> list[str]:
+    """The files of this run that storescu had no presentation context for."""
+    return [path for path in pinned if (result := results.get(path)) is not None
+            and result.outcome is Outcome.PERMANENT and result.detail.startswith(_NO_CONTEXT)]
 
 
 def _pin(paths: list[str], results: dict[str, StoreResult],
@@ -243,33 +302,3 @@ class _StoreParser:
                 # context for this file's SOP class and transfer syntax.
                 self.results[self.current] = StoreResult(Outcome.PERMANENT, line[3:])
         return False
-
-
-def association_args(destination: Destination) -> list[str]:
-    args = [
-        "-aet", destination.calling_aet, "-aec", destination.called_aet,
-        "-to", str(destination.connect_timeout), "-ta", str(destination.acse_timeout),
-        "-td", str(destination.dimse_timeout),
-    ]
-    if destination.tls_key and destination.tls_cert:
-        # -pw: an unencrypted key; DCMTK would otherwise prompt on stdin.
-        args += ["+tls", str(destination.tls_key), str(destination.tls_cert), "-pw"]
-    elif destination.tls_ca:
-        args += ["+tla"]  # TLS without a client certificate
-    if destination.tls_ca:
-        args += ["+cf", str(destination.tls_ca)]  # verify the PACS against this CA
-    return args
-
-
-def echo(destination: Destination) -> ToolRun:
-    """C-ECHO: does the PACS accept an association from us at all?"""
-    return run("echoscu", ["-v", *association_args(destination),
-                           destination.host, str(destination.port)], network=True)
-
-
-def echo_reached(result: ToolRun) -> bool:
-    """Did the PACS take the association? A C-ECHO answered, or an association accepted
-    without the Verification service (a PACS that offers storage only answers "No
-    Acceptable Presentation Contexts"): it is up, and only a send can tell more."""
-    return result.exit_code == 0 or any(
-        "No Acceptable Presentation Contexts" in line for line in result.lines)
