@@ -16,7 +16,7 @@ from importer.config import Destination
 from importer.dcmtk.echo import association_args
 from importer.dcmtk.runner import run
 
-# Files per storescu run, at most (a start costs ~10 ms of CPU: negligible per 1,000).
+# Files per storescu run, at most (a start costs ~40 ms of CPU: negligible per 1,000).
 MAX_FILES_PER_ASSOCIATION = 1000
 
 # --- storescu ---------------------------------------------------------------------------
@@ -41,6 +41,15 @@ _SENDING = "I: Sending file: "
 _RESPONSE = re.compile(r"^I: Received Store Response \((?P<status>.*)\)\s*$")
 _BAD_FILE = re.compile(r"^E: Bad DICOM file: (?P<rest>.*)$")
 _STORE_FAILED = "E: Store Failed, file: "
+_NO_UID = "E: No SOP Class or Instance UID in file: "
+# storescu -v prints progress dots after "XMIT:" without a newline, so the failure of a
+# file sent after an abort arrives as "XMIT: E: Store Failed, file: …" (chaos seeds 31, 227).
+_XMIT = "XMIT:"
+_DIMSE_TIMEOUT = "DIMSE No data available"  # storescu's wording for a DIMSE timeout
+_CANNOT_CONVERT = re.compile(
+    r"unable to convert dataset from '(?P<source>[^']*)' transfer syntax to '(?P<target>[^']*)'")
+_STORE_REQUEST = re.compile(r"^I: Sending Store Request \(MsgID \d+, (?P<sop>[^)]*)\)")
+
 _NO_CONTEXT = "No presentation context for: "
 # The SOP classes storescu proposes without -R (DCMTK 3.6.7: `storescu -d` lists them even
 # against a closed port); a file of another class needs -R.
@@ -78,14 +87,6 @@ STORESCU_PROPOSES = frozenset({
     "1.2.840.10008.5.1.4.1.1.9.1.3", "1.2.840.10008.5.1.4.1.1.9.2.1",
     "1.2.840.10008.5.1.4.1.1.9.3.1", "1.2.840.10008.5.1.4.1.1.9.4.1",
 })
-_NO_UID = "E: No SOP Class or Instance UID in file: "
-# storescu -v prints progress dots after "XMIT:" without a newline, so the failure of a
-# file sent after an abort arrives as "XMIT: E: Store Failed, file: …" (chaos seeds 31, 227).
-_XMIT = "XMIT:"
-_DIMSE_TIMEOUT = "DIMSE No data available"  # storescu's wording for a DIMSE timeout
-_CANNOT_CONVERT = re.compile(
-    r"unable to convert dataset from '(?P<source>[^']*)' transfer syntax to '(?P<target>[^']*)'")
-_STORE_REQUEST = re.compile(r"^I: Sending Store Request \(MsgID \d+, (?P<sop>[^)]*)\)")
 
 
 def classify_status(status: str) -> Outcome:
@@ -148,8 +149,8 @@ def store(destination: Destination, paths: Sequence[str], proposal: str = "",
     required = bool(proposal) or sop_classes is None or not all(
         sop_classes.get(path, "") in STORESCU_PROPOSES for path in paths)
 
-    def argv(required: bool) -> list[str]:
-        return ["-v", "-nh", *(["-R"] if required else []), *([proposal] if proposal else []),
+    def argv(only_required: bool) -> list[str]:
+        return ["-v", "-nh", *(["-R"] if only_required else []), *([proposal] if proposal else []),
                 *association_args(destination), destination.host, str(destination.port)]
 
     pinned: dict[str, tuple[int, os.stat_result]] = {}
