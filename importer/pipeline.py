@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from importer import dcmtk, logs
 from importer.config import Destination, Settings
 from importer.finish import finish, note_writing, recover, recover_elsewhere
+from importer.finisher import Finisher
 from importer.folders import Patient, display
 from importer.journal import Journal
 from importer.logs import event
@@ -104,48 +105,41 @@ def run_batch(settings: Settings, *, quiet_unmatched: set[str] | None = None,
         finished: set[int] = set()
         quiet = {d.label for d in settings.destinations if d.name in down}
 
-        def finish_done(under_way: list[tuple[list[Folder], list[Future[None]]]],
-                        wait: bool = False) -> list[tuple[list[Folder], list[Future[None]]]]:
-            """Archive each chunk once its sends and verifications are done: one slow
-            chunk does not hold back the others' archiving."""
-            still = []
-            for chunk, work in under_way:
-                if wait or all(f.done() for f in work):
-                    for folder in chunk:
-                        finish(folder, settings, journal, sender.verifier, batch_stamp, quiet)
-                        note_writing(folder, settings, noted_writing)
-                        folder.forget_files()
-                        finished.add(id(folder))
-                else:
-                    still.append((chunk, work))
-            return still
+        def finish_chunk(chunk: list[Folder]) -> None:
+            for folder in chunk:
+                finish(folder, settings, journal, sender.verifier, batch_stamp, quiet)
+                note_writing(folder, settings, noted_writing)
+                folder.forget_files()
+                finished.add(id(folder))
 
         reconciler: Reconciler | None = None
         try:
-            under_way: list[tuple[list[Folder], list[Future[None]]]] = []
             with Sender(settings, journal, down) as sender:
-                reconciler = _reconciler(settings, matched, sender.verifier.note_refused, down,
-                                         journal)
-                for chunk, magic in _chunks(groups, journal, recovered):
-                    # Many folders' files per tool call (a tool's start costs more than a
-                    # small folder's files), a chunk at a time (memory stays flat in the
-                    # batch's size, and this overlaps the previous chunk's send): read,
-                    # check, stamp (one dcmodify per folder), verify, send.
-                    try:
-                        dumps = read_originals(chunk, magic)
-                        for folder in chunk:
-                            classify(folder, dumps, settings)
-                        if reconciler is not None:  # is it the right patient?
-                            reconcile(chunk, dumps, settings, reconciler)
-                        for folder in chunk:
-                            apply_release(folder, journal)
-                            remember_held(settings, folder)
-                        work = _stamp_and_send(chunk, dumps, settings, journal, sender)
-                    except dcmtk.Stopped:
-                        break  # shutting down: archive what was delivered, leave the rest
-                    del dumps
-                    under_way = finish_done([*under_way, (chunk, work)])
-            finish_done(under_way, wait=True)
+                finisher = Finisher(finish_chunk)  # each chunk archived once its sends end
+                try:
+                    reconciler = _reconciler(settings, matched, sender.verifier.note_refused,
+                                             down, journal)
+                    for chunk, magic in _chunks(groups, journal, recovered):
+                        # Many folders' files per tool call (a tool's start costs more than
+                        # a small folder's files), a chunk at a time (memory stays flat in
+                        # the batch's size, and this overlaps the previous chunk's send):
+                        # read, check, stamp (one dcmodify per folder), verify, send.
+                        try:
+                            dumps = read_originals(chunk, magic)
+                            for folder in chunk:
+                                classify(folder, dumps, settings)
+                            if reconciler is not None:  # is it the right patient?
+                                reconcile(chunk, dumps, settings, reconciler)
+                            for folder in chunk:
+                                apply_release(folder, journal)
+                                remember_held(settings, folder)
+                            work = _stamp_and_send(chunk, dumps, settings, journal, sender)
+                        except dcmtk.Stopped:
+                            break  # shutting down: archive what was delivered, leave the rest
+                        del dumps
+                        finisher.add(chunk, work)
+                finally:
+                    finisher.close()  # (stopping: the sends end at once, then their chunks)
             for folder in folders:  # only files still being written, or the run stopped
                 if id(folder) not in finished:
                     finish(folder, settings, journal, sender.verifier, batch_stamp, quiet)
