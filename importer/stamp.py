@@ -92,7 +92,12 @@ def _stamp_in_place(work: list[tuple[Folder, list[SourceFile], bool]],
                                            folder.patient, when)
             expected |= items
             jobs += [(index, paths, folder.patient, utf8, args) for args, paths in groups.items()]
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        workers = os.cpu_count() or 2
+        if len(jobs) < workers:  # one big folder: its files shared by as many dcmodify
+            jobs = [(index, share, patient, utf8, args)  # as there are cores
+                    for index, paths, patient, utf8, args in jobs
+                    for share in _shares(paths, workers)]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             done = list(pool.map(lambda job: _stamp_job(*job[1:]), jobs))
         runs = [job_runs for job_runs, _ in done]
         # What dcmodify left at each path, read as each call ends: a file replaced after
@@ -112,6 +117,17 @@ def _stamp_in_place(work: list[tuple[Folder, list[SourceFile], bool]],
     finally:
         for folder, _files, _utf8 in work:
             recover_interrupted_stamp(settings, folder.name)
+
+
+SHARED_FILES = 200  # a dcmodify job of more files than this is shared between the cores
+
+
+def _shares(paths: list[str], workers: int) -> list[list[str]]:
+    """paths in `workers` consecutive shares (or whole, when few)."""
+    if len(paths) < SHARED_FILES:
+        return [paths]
+    size = -(-len(paths) // workers)
+    return [paths[start:start + size] for start in range(0, len(paths), size)]
 
 
 def _stamp_job(paths: list[str], patient: Patient, utf8: bool, provenance: tuple[str, ...]

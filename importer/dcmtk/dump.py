@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from importer.dcmtk.runner import chunked, run
@@ -74,6 +76,12 @@ class Dump:
     un_tags: frozenset[str] = frozenset()  # (one shared empty set: 20,000 cost 4 MB)
 
 
+# A call of more files than this is read by as many dcmdump processes as there are cores
+# at once (two starts cost ~40 ms of CPU; at 1,000 files the read takes ~250 ms): the read
+# is on the batch's longest path, while the sends and archiving run beside it.
+PARALLEL_FILES = 200
+
+
 def dump_tags(paths: Sequence[str], tags: Iterable[str]) -> dict[str, Dump]:
     """Read the given tags of many files in one dcmdump call per chunk.
 
@@ -81,18 +89,30 @@ def dump_tags(paths: Sequence[str], tags: Iterable[str]) -> dict[str, Dump]:
     as an error even when its header reads fine; -M leaves long values (pixel data) unloaded,
     so a tag asked for that holds one is present with an empty value.
     """
-    tag_args = [arg for tag in tags for arg in ("+P", tag)]
+    tag_args = tuple(arg for tag in tags for arg in ("+P", tag))
+    cores = os.cpu_count() or 1
+    if cores == 1 or len(paths) < PARALLEL_FILES:
+        dumps = _dump(paths, tag_args)
+    else:
+        share = -(-len(paths) // cores)
+        with ThreadPoolExecutor(max_workers=cores, thread_name_prefix="dcmdump") as pool:
+            parts = list(pool.map(lambda start: _dump(paths[start:start + share], tag_args),
+                                  range(0, len(paths), share)))
+        dumps = {path: dump for part in parts for path, dump in part.items()}
+    for path in paths:
+        if path not in dumps:
+            dumps[path] = Dump(error="dcmdump did not report on this file")
+    return {path: dumps[path] for path in paths}
+
+
+def _dump(paths: Sequence[str], tag_args: tuple[str, ...]) -> dict[str, Dump]:
     # -Un: UIDs as numbers; by default a well-known one prints as `=Name`, not `[uid]`.
     parser = _DumpParser()
     for chunk in chunked(paths, fixed_bytes=sum(len(a) + 9 for a in tag_args)):
         parser.current = None
         run("dcmdump", ["-M", "+F", "+L", "+p", "-Un", *tag_args, *chunk], on_line=parser,
             data=DUMP_DATA)
-    dumps = parser.dumps
-    for path in paths:
-        if path not in dumps:
-            dumps[path] = Dump(error="dcmdump did not report on this file")
-    return {path: dumps[path] for path in paths}
+    return parser.dumps
 
 
 class _DumpParser:
