@@ -69,7 +69,7 @@ class Downtime:
                 self.hurry(folder)
             if not outage.trying:
                 event("INFO", "%s takes files again after %s", self.required[name].label,
-                      duration(time.time() - outage.since))
+                      duration(self.outages.lasted(outage)))
 
     def probe(self) -> None:
         """C-ECHO each destination that is down when its turn comes; when it answers, every
@@ -86,7 +86,7 @@ class Downtime:
             folders = self.outages.probed(name, answered)
             if answered:
                 event("INFO", "%s answers again after %s: sending %d files in %d folders",
-                      destination.label, duration(time.time() - outage.since),
+                      destination.label, duration(self.outages.lasted(outage)),
                       self._files_in(folders), len(folders))
                 for folder in folders:
                     self.hurry(folder)
@@ -95,7 +95,7 @@ class Downtime:
             warn("%s still down since %s (%s): %d files in %d folders wait for it; last: %s",
                  self.required[name].label,
                  time.strftime("%Y-%m-%d %H:%M", time.localtime(outage.since)),
-                 duration(time.time() - outage.since), self._files_in(outage.folders),
+                 duration(self.outages.lasted(outage)), self._files_in(outage.folders),
                  len(outage.folders), outage.reason)
 
     def _mark_hour(self) -> None:

@@ -54,6 +54,12 @@ class Outages:
         outage.next_probe = now + self._interval(outage)
         return False
 
+    def lasted(self, outage: Outage) -> float:
+        """How long outage has lasted, by the monotonic clock: a step of the wall clock
+        while a PACS is down (NTP, a host's clock set by hand) does not make it longer,
+        shorter or negative."""
+        return self.clock() - outage.started
+
     def reached(self, name: str) -> Outage | None:
         """A send to name was answered: the outage it ends, if any."""
         return self.down.pop(name, None)

@@ -62,7 +62,20 @@ def test_an_outage_longer_than_the_backoff_cap_drains_within_one_probe_interval(
     assert timers.due() == ["#1-A^B"]
     assert clock.now - back_at <= 30  # within PROBE_INTERVAL of the PACS answering
     outage = outages.reached("primary")
-    assert outage is not None and duration(clock.now - outage.since) == "2 h 0 min"
+    assert outage is not None and duration(outages.lasted(outage)) == "2 h 0 min"
+
+
+def test_an_outage_lasts_by_the_monotonic_clock_whatever_the_wall_clock_does() -> None:
+    """The wall clock set back a day while the PACS is down: "back after -86385 s" is what
+    the wall clock would say; the outage lasted 15 s."""
+    clock, wall = Clock(), Clock()
+    outages = Outages(30, clock=clock, wall=wall)
+    outages.failed("primary", "Connection refused")
+    clock.now += 15
+    wall.now -= 86400
+    outage = outages.reached("primary")
+    assert outage is not None and duration(outages.lasted(outage)) == "15 s"
+    assert outage.since == 1000.0  # "down since" stays the wall time it went down
 
 
 def test_probe_that_misleads_backs_off_and_reminders_are_hourly() -> None:
