@@ -13,13 +13,13 @@ from importer import alerts, history, metrics
 from importer.archive import Plan, PlanResult, carry_out, free_name, remove_empty_dirs
 from importer.config import Settings
 from importer.folders import display
+from importer.intent import recover_interrupted_stamp
 from importer.journal import Journal
 from importer.logs import error, event, warn
 from importer.model import Folder, SourceFile, folder_hash
 from importer.receipt import build_receipt, receipt_entries, receipt_path
 from importer.snapshot import WAITS_WHOLE, folder_lock, unchanged
 from importer.sniff import OTHER, count_words
-from importer.stamp import recover_interrupted_stamp
 from importer.verdict import Fate, Target, decide
 from importer.verify import Verifier
 

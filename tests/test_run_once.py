@@ -465,7 +465,7 @@ def test_files_of_default_classes_go_without_R_and_an_unproposed_class_goes_agai
 def test_a_crash_mid_stamp_costs_no_original(site: Site, storescp: StoreSCP) -> None:
     """The state dcmodify leaves when killed mid-write: original renamed to <file>.bak, the
     new file half written. The next run restores the original before anything else."""
-    from importer.stamp import _intent_path, _write_intent
+    from importer.intent import intent_path, write_intent
 
     site.use(storescp)
     folder = site.import_dir / "#31-Crash^Midway"
@@ -474,7 +474,7 @@ def test_a_crash_mid_stamp_costs_no_original(site: Site, storescp: StoreSCP) -> 
     os.rename(folder / "a.dcm", folder / "a.dcm.bak")
     (folder / "a.dcm").write_bytes(original[:700])  # the half-written new file
     settings = load_settings({}, site.env)
-    _write_intent(_intent_path(settings, folder.name), [str(folder / "a.dcm")])
+    write_intent(intent_path(settings, folder.name), [str(folder / "a.dcm")])
 
     result = site.run()
 

@@ -668,7 +668,7 @@ def test_a_file_replaced_after_a_crash_mid_stamp_is_not_overwritten_by_its_backu
     (stamped files, originals as .bak), then a file copied again before the restart: the
     recovery put every .bak back, the older original over the newer copy, which was lost.
     Now a .bak goes back only over what dcmodify wrote; a newer copy stays."""
-    from importer import stamp
+    from importer import intent
     from importer.folders import Patient
 
     target = site.import_dir / FOLDER
@@ -677,7 +677,7 @@ def test_a_file_replaced_after_a_crash_mid_stamp_is_not_overwritten_by_its_backu
         shutil.copy(sources / name, target / name)
     paths = [str(target / "IM00001.dcm"), str(target / "IM00002.dcm")]
     settings = load_settings({}, site.env)
-    stamp._write_intent(stamp._intent_path(settings, FOLDER), paths)
+    intent.write_intent(intent.intent_path(settings, FOLDER), paths)
     provenance = ("-i", "(0400,0561)[0].(0400,0550)[0].(0010,0020)=OLD")
     dcmtk.stamp_identity(paths, Patient("4242", "Stall^Test"), utf8=False, backup=True,
                          provenance=provenance)  # then the crash: both .bak are there
@@ -685,7 +685,7 @@ def test_a_file_replaced_after_a_crash_mid_stamp_is_not_overwritten_by_its_backu
     shutil.copy(sources / "IM00003.dcm", target / ".again")
     os.replace(target / ".again", paths[1])  # copied again before the restart
 
-    assert stamp.recover_interrupted_stamp(settings, FOLDER) == 1
+    assert intent.recover_interrupted_stamp(settings, FOLDER) == 1
     assert (target / "IM00001.dcm").read_bytes() == (sources / "IM00001.dcm").read_bytes()
     assert (target / "IM00002.dcm").read_bytes() == (sources / "IM00003.dcm").read_bytes()
     assert not os.path.exists(paths[0] + ".bak") and not os.path.exists(paths[1] + ".bak")
