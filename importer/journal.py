@@ -142,6 +142,16 @@ class SentStudy:
     sent_at: float
 
 
+def common_dir(paths: list[str]) -> str:
+    """A directory all paths are under, each of them followed there by a separator (a
+    lookup's range scan starts at it). os.path.commonpath splits every path: ~5 % of the
+    Python of a 50,000-file drain; the common prefix of the smallest and largest is one
+    comparison."""
+    prefix = os.path.commonprefix(paths)
+    cut = prefix.rfind(os.sep)
+    return prefix[:cut] if cut >= 0 else ""
+
+
 def _shared(texts: dict[str, str], text: str | None) -> str | None:
     return None if text is None else texts.setdefault(text, text)
 
@@ -186,7 +196,7 @@ class Journal:
         if not keys:
             return {}
         # One range scan over the primary key: the rows under the keys' common directory.
-        low = os.fsencode(os.path.commonpath([k.path for k in keys]))
+        low = os.fsencode(keys[0].path if len(keys) == 1 else common_dir([k.path for k in keys]))
         wanted = {key.path: key for key in keys}
         known: dict[FileKey, Delivery] = {}
         texts: dict[str, str] = {}  # one object per distinct status or reason (20,000 files

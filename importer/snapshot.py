@@ -51,15 +51,18 @@ def list_files(top: Path) -> tuple[list[SourceFile], list[tuple[str, str]]]:
     """Regular files under top; symlinks and special files are listed apart, untouched."""
     files: list[SourceFile] = []
     left: list[tuple[str, str]] = []
+    top_path = os.fspath(top)
     for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+        # os.walk joins each directory to top, so a path's part below top is a slice (the
+        # same as os.path.relpath, which costs half of a 50,000-file listing's CPU).
+        under = relative_dir(dirpath, top_path)
         dirnames.sort()
         for name in list(dirnames):
             if os.path.islink(os.path.join(dirpath, name)):
-                left.append((os.path.relpath(os.path.join(dirpath, name), top),
-                             "symbolic link, not followed"))
+                left.append((under + name, "symbolic link, not followed"))
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, top)
+            rel = under + name
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
@@ -73,6 +76,15 @@ def list_files(top: Path) -> tuple[list[SourceFile], list[tuple[str, str]]]:
             else:
                 files.append(SourceFile(path, rel, Identity.of(st)))
     return files, left
+
+
+def relative_dir(dirpath: str, top: str) -> str:
+    """dirpath (top, or top joined to more by os.walk) below top, with a trailing
+    separator ("" for top itself)."""
+    if dirpath == top:
+        return ""
+    start = len(top) if top.endswith(os.sep) else len(top) + 1
+    return dirpath[start:] + os.sep
 
 
 _held_here = threading.local()  # .paths: the lock files this thread holds
