@@ -60,10 +60,12 @@ class LogTail:
             f.seek(self.offset)
             raw = f.read()
         self.offset += len(raw)
-        new = raw.decode("utf-8", errors="replace")
-        found = text in self.tail + new
-        self.tail = "" if found else (self.tail + new)[-len(text):]
-        return found
+        unread = self.tail + raw.decode("utf-8", errors="replace")
+        at = unread.find(text)
+        # Found: what followed it stays unread, for the next line waited for; not found:
+        # only enough to match a line split between two reads.
+        self.tail = unread[at + len(text):] if at >= 0 else unread[-len(text):]
+        return at >= 0
 
 
 def backlog_left(imp: Path) -> bool:

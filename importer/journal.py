@@ -84,7 +84,8 @@ class Journal:
         keys = list(keys)
         if not keys:
             return {}
-        # One range scan over the primary key: the rows under the keys' common directory.
+        # One range scan over the primary key: the rows under the keys' common directory
+        # (one key: the rows from its own path on, as few as there are).
         low = os.fsencode(keys[0].path if len(keys) == 1 else common_dir([k.path for k in keys]))
         wanted = {key.path: key for key in keys}
         known: dict[FileKey, Delivery] = {}
